@@ -1,0 +1,1 @@
+"""fedrad fedrad package."""

@@ -1,0 +1,1 @@
+"""fedrad server package."""
