@@ -1,1 +1,11 @@
-"""fedrad models package."""
+"""fedrad's networks, identical on server and client.
+
+``build_model(name, spatial_dims=..., in_channels=..., num_classes=..., image_size=...)`` returns
+a model that maps ``(B, C, H, W)`` (2D) or ``(B, C, D, H, W)`` (3D) to logits ``(B, num_classes)``
+and trains under Opacus: no BatchNorm, no in-place ops, no parameter without a gradient.
+"""
+
+from models.registry import MODELS, build_model
+from models.spec import ModelSpec
+
+__all__ = ["MODELS", "ModelSpec", "build_model"]

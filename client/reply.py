@@ -1,0 +1,40 @@
+"""The one place that decides what a site's reply may contain.
+
+Every outgoing RecordDict is checked against an allow-list of record and metric keys before it
+leaves the site: model weights, additive metric sums and the site's own name. Anything else
+(pixels, identifiers, attribute values) is refused here, whatever a handler tried to send.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedrad import keys
+from fedrad.errors import FedradError
+
+
+class ReplyNotAllowed(FedradError):
+    """A reply held something that may not leave the site."""
+
+
+ALLOWED_RECORDS: dict[str, type] = {
+    keys.ARRAYS: ArrayRecord,
+    keys.METRICS: MetricRecord,
+    keys.SITE: ConfigRecord,
+}
+
+
+def check_reply(content: RecordDict) -> None:
+    """Raise ReplyNotAllowed unless every record and key of ``content`` is allowed."""
+    for name, record in content.items():
+        expected = ALLOWED_RECORDS.get(name)
+        if expected is None or not isinstance(record, expected):
+            raise ReplyNotAllowed(f"record '{name}' ({type(record).__name__}) may not leave the site")
+        if isinstance(record, MetricRecord):
+            extra = set(record) - keys.ALLOWED_REPLY_METRICS
+            if extra:
+                raise ReplyNotAllowed(f"metric(s) {sorted(extra)} may not leave the site")
+        if isinstance(record, ConfigRecord):
+            extra = set(record) - keys.ALLOWED_REPLY_CONFIG
+            if extra:
+                raise ReplyNotAllowed(f"config key(s) {sorted(extra)} may not leave the site")

@@ -1,0 +1,79 @@
+"""A site's view of one request: its folder, its dataset (cached per process), its settings.
+
+Framework-free: the Flower adapter in ``client/app.py`` turns records into these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.dataset import SiteDataset, load_site
+from client.transforms import TransformConfig
+from fedrad.config import NodeConfig, RunConfig
+from fedrad.errors import DataError
+from fedrad.sites import default_demo_sites_dir, list_site_dirs
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[object, ...], SiteDataset] = {}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Which hospital this node is and where its data lives."""
+
+    site_id: str
+    data_dir: Path
+    num_threads: int
+
+
+def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
+    """Find this node's data folder: ``data-dir`` in deployment, the partition in simulation."""
+    node = NodeConfig.from_user_config(node_config)
+    if node.data_dir:
+        data_dir = Path(node.data_dir).expanduser()
+        return Site(node.site_id or data_dir.name, data_dir, node.num_threads)
+    if node.partition_id >= 0:
+        raw = str(run_config.get("sites-dir", ""))
+        sites_dir = Path(raw).expanduser() if raw else default_demo_sites_dir()
+        sites = list_site_dirs(sites_dir)
+        if node.partition_id >= len(sites):
+            raise DataError(
+                f"Partition {node.partition_id} has no site folder: {sites_dir} holds "
+                f"{len(sites)} site(s). Run the simulation with as many supernodes as sites."
+            )
+        data_dir = sites[node.partition_id]
+        return Site(node.site_id or data_dir.name, data_dir, node.num_threads)
+    raise DataError(
+        "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."
+    )
+
+
+def transform_config(config: RunConfig) -> TransformConfig:
+    """The preprocessing settings a run asks for."""
+    return TransformConfig(
+        kind=config.kind,
+        image_size=config.image_size,
+        slices=config.slices,
+        in_channels=config.in_channels,
+    )
+
+
+def site_dataset(site: Site, config: RunConfig) -> SiteDataset:
+    """Load (or reuse, within this process) the site's preprocessed dataset."""
+    transforms = transform_config(config)
+    labels = site.data_dir / "labels.csv"
+    stamp = labels.stat().st_mtime_ns if labels.is_file() else None
+    key = (str(site.data_dir.resolve()), stamp, transforms, config.num_classes)
+    if key not in _CACHE:
+        dataset = load_site(site.data_dir, transforms, num_classes=config.num_classes)
+        log.info(
+            "site %s: %d samples loaded, %d skipped", site.site_id, len(dataset),
+            len(dataset.skipped),
+        )
+        _CACHE[key] = dataset
+    return _CACHE[key]

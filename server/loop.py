@@ -1,0 +1,237 @@
+"""The coordinator's round loop: configure, send and receive, aggregate, evaluate, checkpoint.
+
+fedrad owns this loop rather than handing the run to ``strategy.start()``: secure aggregation
+(several exchanges per round) and resume after a restart need the steps in the open. The chosen
+Flower strategy still samples sites and aggregates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+
+from fedrad import keys
+from fedrad.config import RunConfig
+from models import ModelSpec
+from server.metrics import summarize
+from server.rundir import RunDir
+from server.strategies import (
+    arrays_to_numpy,
+    build_strategy,
+    load_strategy_state,
+    numpy_to_arrays,
+    strategy_state,
+)
+
+log = logging.getLogger(__name__)
+
+# Run-config keys that describe the coordinator's own disk; never sent to a site.
+_COORDINATOR_ONLY = ("sites-dir", "out-dir", "resume-from")
+
+
+def model_spec(config: RunConfig) -> ModelSpec:
+    """The network a run trains, from its run config."""
+    size = config.image_size
+    return ModelSpec(
+        name=config.model,
+        spatial_dims=2 if config.kind == "2d" else 3,
+        in_channels=config.in_channels,
+        num_classes=config.num_classes,
+        image_size=(size, size) if config.kind == "2d" else (config.slices, size, size),
+        options={},
+    )
+
+
+def initial_arrays(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    """Deterministic initial weights for a seed."""
+    torch.manual_seed(seed)
+    model = spec.build()
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def sha256_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """Digest of named arrays (names, shapes, dtypes and bytes), order-independent."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SiteReplies:
+    """Replies of one exchange, split into per-site results and failures."""
+
+    ok: list[Message] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _collect(replies: list[Message]) -> SiteReplies:
+    out = SiteReplies()
+    for msg in replies:
+        if msg.has_error():
+            out.failures[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
+            continue
+        site = str(msg.content[keys.SITE][keys.SITE_ID])
+        metrics = next(iter(msg.content.metric_records.values()))
+        out.results[site] = {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
+        out.ok.append(msg)
+    return out
+
+
+def _evaluation_metrics(totals: dict[str, Any], config: RunConfig) -> dict[str, float]:
+    c = config.num_classes
+    return summarize(
+        num_examples=int(totals[keys.NUM_EXAMPLES]),
+        loss_sum=float(totals[keys.LOSS_SUM]),
+        confusion=np.asarray(totals[keys.CONFUSION], dtype=np.int64).reshape(c, c),
+        score_hist=np.asarray(totals[keys.SCORE_HIST], dtype=np.int64).reshape(c, c, keys.SCORE_BINS),
+        positive_label=config.positive_label,
+    )
+
+
+class Federation:
+    """One run of the round loop over a Grid, writing into a run directory."""
+
+    def __init__(self, grid: Grid, config: RunConfig, run_dir: RunDir) -> None:
+        self.grid = grid
+        self.config = config
+        self.run_dir = run_dir
+        self.strategy = build_strategy(config)
+        self.spec = model_spec(config)
+
+    def _site_config(self, server_round: int, split: str | None = None) -> ConfigRecord:
+        values: dict[str, Any] = {
+            k: v for k, v in self.config.to_user_config().items() if k not in _COORDINATOR_ONLY
+        }
+        values[keys.MODEL_SPEC] = json.dumps(self.spec.to_dict())
+        values[keys.SERVER_ROUND] = server_round
+        if split is not None:
+            values[keys.SPLIT] = split
+        return ConfigRecord(values)
+
+    def _start(self) -> tuple[int, dict[str, np.ndarray]]:
+        """Initial weights, or the checkpoint named by ``resume-from``; returns the first round."""
+        if not self.config.resume_from:
+            arrays = initial_arrays(self.spec, self.config.seed)
+            self.run_dir.save_initial(arrays)
+            return 1, arrays
+        source = RunDir(Path(self.config.resume_from).expanduser())
+        checkpoint = source.load_checkpoint()
+        saved = ModelSpec.from_dict(checkpoint.model)
+        if saved != self.spec:
+            raise ValueError(
+                f"checkpoint model {saved} differs from the run config's {self.spec}; resume "
+                "with the model settings the run was started with."
+            )
+        load_strategy_state(self.strategy, checkpoint.strategy_state)
+        log.info("resuming after round %d from %s", checkpoint.round, source.path)
+        return checkpoint.round + 1, checkpoint.arrays
+
+    def run(self) -> dict[str, Any]:
+        """Run every remaining round; return the summary written to the run directory."""
+        first, arrays = self._start()
+        self.run_dir.write_run_record(self.config, sites=[], resumed_from=first - 1)
+        status, reason, last_eval = "completed", "", {}
+        for server_round in range(first, self.config.num_server_rounds + 1):
+            started = time.monotonic()
+            record: dict[str, Any] = {
+                "round": server_round,
+                "start-model-sha256": sha256_arrays(arrays),
+                "start-strategy-sha256": sha256_arrays(strategy_state(self.strategy)),
+            }
+            new_arrays, train = self._train_round(server_round, arrays)
+            record["train"] = {"sites": train.results, "failures": train.failures}
+            if new_arrays is None:
+                status, reason = "stopped", (
+                    f"round {server_round}: {len(train.ok)} site(s) trained, at least "
+                    f"{self.config.min_sites} needed (min-sites); failures: {train.failures}"
+                )
+                record["status"] = "failed"
+                self.run_dir.append_metrics(record)
+                log.error("stopping: %s", reason)
+                break
+            arrays = new_arrays
+            evaluation = self._evaluate_round(server_round, arrays)
+            last_eval = evaluation["aggregate"]
+            record["evaluate"] = evaluation
+            record["status"] = "completed"
+            digest = self.run_dir.save_checkpoint(
+                server_round, arrays, strategy_state(self.strategy), self.spec.to_dict()
+            )
+            record["model-sha256"] = digest
+            record["seconds"] = round(time.monotonic() - started, 3)
+            self.run_dir.append_metrics(record)
+            log.info(
+                "round %d/%d: %d site(s), val AUC %.3f, val loss %.4f (%.1f s)",
+                server_round, self.config.num_server_rounds, len(train.ok),
+                last_eval.get("auc", float("nan")), last_eval.get("loss", float("nan")),
+                record["seconds"],
+            )
+        summary = {
+            "status": status,
+            "reason": reason,
+            "rounds-completed": self.run_dir.latest_round(),
+            "num-server-rounds": self.config.num_server_rounds,
+            "validation": last_eval,
+            "operating-threshold": last_eval.get("threshold", 0.5),
+        }
+        self.run_dir.write_summary(summary)
+        return summary
+
+    def _train_round(
+        self, server_round: int, arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray] | None, SiteReplies]:
+        messages = self.strategy.configure_train(
+            server_round, numpy_to_arrays(arrays.items()), self._site_config(server_round), self.grid
+        )
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        collected = _collect(replies)
+        if len(collected.ok) < self.config.min_sites:
+            return None, collected
+        try:
+            aggregated, _ = self.strategy.aggregate_train(server_round, collected.ok)
+        except (AggregationError, InconsistentMessageReplies) as exc:
+            collected.failures["aggregation"] = str(exc)
+            return None, collected
+        if aggregated is None:
+            return None, collected
+        return arrays_to_numpy(aggregated), collected
+
+    def _evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        messages = [
+            Message(
+                content=_content(numpy_to_arrays(arrays.items()), self._site_config(server_round, "val")),
+                message_type=MessageType.EVALUATE,
+                dst_node_id=node_id,
+            )
+            for node_id in self.grid.get_node_ids()
+        ]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        collected = _collect(replies)
+        per_site = {
+            site: _evaluation_metrics(sums, self.config) for site, sums in collected.results.items()
+        }
+        aggregate: dict[str, float] = {}
+        if collected.ok:
+            totals = self.strategy.aggregate_evaluate(server_round, collected.ok)
+            if totals is not None:
+                aggregate = _evaluation_metrics(dict(totals), self.config)
+        return {"sites": per_site, "aggregate": aggregate, "failures": collected.failures}
+
+
+def _content(arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+    return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
