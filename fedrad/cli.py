@@ -30,7 +30,9 @@ def _setup_logging(verbose: bool) -> None:
 
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    for package in OWN_PACKAGES:
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower prints through its own handler
     for flower_handler in flower.handlers:
@@ -38,6 +40,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+OWN_PACKAGES = ("fedrad", "client", "server", "models", "privacy")
 _TYPES = {"int": int, "float": float, "str": str, "bool": str}
 
 

@@ -78,6 +78,24 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+CODE_PACKAGES = ("fedrad", "client", "server", "models", "privacy")
+
+
+def code_fingerprint() -> dict[str, str]:
+    """Where fedrad's code was loaded from and a digest of every source file there.
+
+    ``flwr run .`` loads the app from its installed FAB copy, ``fedrad simulate`` from the
+    package; equal digests prove that both ran the same code.
+    """
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for source in sorted((root / package).rglob("*.py")):
+            digest.update(source.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(source.read_bytes() + b"\0")
+    return {"root": str(root), "sha256": digest.hexdigest()}
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape a run's result."""
     versions = {"python": platform.python_version()}
@@ -128,6 +146,7 @@ class RunDir:
             "config": config.to_user_config(),
             "seed": config.seed,
             "versions": package_versions(),
+            "code": code_fingerprint(),
             "sites": sites,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "resumed-after-round": resumed_from,
