@@ -12,6 +12,10 @@ from fedrad.synth.sites import SiteProfile
 AIR, BODY, LUNG = 0.06, 0.66, 0.26
 """Display intensities (0..1) outside the body, of soft tissue and of aerated lung."""
 MAX_STORED = 4095  # BitsStored 12
+LESION_RADIUS = (0.06, 0.16)
+"""Range of lesion radii in grid units (the image spans 2): about 2 to 5 pixels at 64 px."""
+LESION_CONTRAST = (0.2, 0.8)
+"""Log-uniform range of lesion contrast, as a fraction of the lung-to-tissue difference."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def _lesions(
     reach = 0.65 * np.sqrt(rng.random((n, 1, 1)))
     centre = (lung_x + reach * thorax.lung_axes[0] * np.cos(theta),
               lung_y + reach * thorax.lung_axes[1] * np.sin(theta))
-    radius = rng.uniform(0.06, 0.16, (n, 1, 1))
+    radius = rng.uniform(*LESION_RADIUS, (n, 1, 1))
     axes = (radius, radius * rng.uniform(0.7, 1.0, (n, 1, 1)))
     shape = soft_ellipse(u, v, centre, axes, edge=0.15, angle=rng.uniform(0, np.pi, (n, 1, 1)))
     return contrast[:, None, None] * shape
@@ -81,7 +85,7 @@ def _lesions(
 
 def draw_contrast(rng: np.random.Generator, n: int) -> np.ndarray:
     """Draw finding contrasts, log-uniform from faint to obvious, in display units."""
-    return (BODY - LUNG) * np.exp(rng.uniform(np.log(0.2), np.log(0.8), n))
+    return (BODY - LUNG) * np.exp(rng.uniform(*np.log(LESION_CONTRAST), n))
 
 
 def render_xrays(
