@@ -41,7 +41,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 OWN_PACKAGES = ("fedrad", "client", "server", "models", "privacy")
-_TYPES = {"int": int, "float": float, "str": str, "bool": str}
+_TYPES = {"int": str, "float": str, "str": str, "bool": str}  # RunConfig converts and explains
 
 
 def _add_run_config_options(parser: argparse.ArgumentParser, *, skip: Sequence[str]) -> None:
@@ -117,8 +117,10 @@ def _preflight(config: RunConfig) -> list[Path]:
 def simulate(config: RunConfig, *, client_cpus: float) -> Path:
     """Check the sites, run the simulation, return the run directory."""
     from fedrad.simulate import run_simulation
+    from server.loop import model_spec
     from server.rundir import new_run_dir
 
+    model_spec(config)  # an unknown model or impossible shape fails here, before any work
     sites = _preflight(config)
     if len(sites) < config.min_sites:
         raise FedradError(
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (FedradError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return 2
 
 

@@ -31,7 +31,7 @@ def list_site_dirs(sites_dir: Path) -> list[Path]:
     if not sites_dir.is_dir():
         raise DataError(
             f"Sites folder {sites_dir} does not exist. Create one with "
-            f"'fedrad synth {sites_dir} --sites 4' or point --sites-dir at a folder holding "
+            f"'fedrad synth {sites_dir} --sites 4', or set sites-dir to a folder holding "
             "one sub-folder per hospital."
         )
     sites = [
