@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.disclosure import subgroup_counts
 from client.reply import check_reply
 from client.site import Site, resolve_site, site_dataset
 from client.train import TrainSettings, evaluate_local, train_local
@@ -54,10 +55,11 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[...,
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             content = handler(msg, context)
+            site = resolve_site(context.node_config, context.run_config)
+            check_reply(content, min_cell_count=site.min_cell_count)
         except FedradError as exc:
             log.error("refusing %s request: %s", msg.metadata.message_type, exc)
             return Message(Error(code=ERROR_CODE_FEDRAD, reason=str(exc)), reply_to=msg)
-        check_reply(content)
         return Message(content, reply_to=msg)
 
     wrapper.__name__ = handler.__name__
@@ -116,6 +118,11 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
                 }
             ),
             keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
+            keys.SUBGROUPS: ConfigRecord(
+                subgroup_counts(
+                    (s.attributes for s in dataset.samples), min_cell_count=site.min_cell_count
+                )
+            ),
         }
     )
 

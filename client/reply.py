@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from client.disclosure import is_allowed_cell
 from fedrad import keys
 from fedrad.errors import FedradError
 
@@ -21,15 +22,31 @@ ALLOWED_RECORDS: dict[str, type] = {
     keys.ARRAYS: ArrayRecord,
     keys.METRICS: MetricRecord,
     keys.SITE: ConfigRecord,
+    keys.SUBGROUPS: ConfigRecord,
 }
 
 
-def check_reply(content: RecordDict) -> None:
-    """Raise ReplyNotAllowed unless every record and key of ``content`` is allowed."""
+def check_reply(content: RecordDict, *, min_cell_count: int) -> None:
+    """Raise ReplyNotAllowed unless every record and key of ``content`` is allowed.
+
+    Subgroup cells must name a known attribute and value and count at least
+    ``min_cell_count`` patients.
+    """
     for name, record in content.items():
         expected = ALLOWED_RECORDS.get(name)
         if expected is None or not isinstance(record, expected):
             raise ReplyNotAllowed(f"record '{name}' ({type(record).__name__}) may not leave the site")
+        if name == keys.SUBGROUPS:
+            bad = [
+                k for k, v in record.items()
+                if not is_allowed_cell(k, v, min_cell_count=min_cell_count)
+            ]
+            if bad:
+                raise ReplyNotAllowed(
+                    f"subgroup cell(s) {sorted(bad)[:3]} are unknown or below the site's "
+                    f"min-cell-count of {min_cell_count}"
+                )
+            continue
         if isinstance(record, MetricRecord):
             extra = set(record) - keys.ALLOWED_REPLY_METRICS
             if extra:

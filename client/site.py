@@ -29,6 +29,7 @@ class Site:
     site_id: str
     data_dir: Path
     num_threads: int
+    min_cell_count: int
 
 
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
@@ -36,7 +37,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     node = NodeConfig.from_user_config(node_config)
     if node.data_dir:
         data_dir = Path(node.data_dir).expanduser()
-        return Site(node.site_id or data_dir.name, data_dir, node.num_threads)
+        return Site(node.site_id or data_dir.name, data_dir, node.num_threads, node.min_cell_count)
     if node.partition_id >= 0:
         raw = str(run_config.get("sites-dir", ""))
         sites_dir = Path(raw).expanduser() if raw else default_demo_sites_dir()
@@ -47,7 +48,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
                 f"{len(sites)} site(s). Run the simulation with as many supernodes as sites."
             )
         data_dir = sites[node.partition_id]
-        return Site(node.site_id or data_dir.name, data_dir, node.num_threads)
+        return Site(node.site_id or data_dir.name, data_dir, node.num_threads, node.min_cell_count)
     raise DataError(
         "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."
     )

@@ -221,6 +221,7 @@ class NodeConfig:
     data_dir: str = ""
     site_id: str = ""
     num_threads: int = 0
+    min_cell_count: int = 10
     partition_id: int = -1
     num_partitions: int = 0
 
@@ -228,6 +229,7 @@ class NodeConfig:
         # 0 keeps the runtime's setting: Ray sets OMP_NUM_THREADS to the CPUs a
         # simulated client is given, and torch follows it.
         _check_range("num-threads", self.num_threads, 0, 256)
+        _check_range("min-cell-count", self.min_cell_count, 1, 1_000_000)
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any]) -> NodeConfig:

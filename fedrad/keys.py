@@ -11,6 +11,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+SUBGROUPS = "subgroups"
 
 # ConfigRecord keys sent by the coordinator (beyond the run-config keys)
 SERVER_ROUND = "server-round"

@@ -76,6 +76,7 @@ class SiteReplies:
 
     ok: list[Message] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subgroups: dict[str, dict[str, int]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
 
 
@@ -88,6 +89,8 @@ def _collect(replies: list[Message]) -> SiteReplies:
         site = str(msg.content[keys.SITE][keys.SITE_ID])
         metrics = next(iter(msg.content.metric_records.values()))
         out.results[site] = {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
+        if keys.SUBGROUPS in msg.content:
+            out.subgroups[site] = {k: int(v) for k, v in msg.content[keys.SUBGROUPS].items()}
         out.ok.append(msg)
     return out
 
@@ -230,7 +233,12 @@ class Federation:
             totals = self.strategy.aggregate_evaluate(server_round, collected.ok)
             if totals is not None:
                 aggregate = _evaluation_metrics(dict(totals), self.config)
-        return {"sites": per_site, "aggregate": aggregate, "failures": collected.failures}
+        return {
+            "sites": per_site,
+            "aggregate": aggregate,
+            "subgroups": collected.subgroups,
+            "failures": collected.failures,
+        }
 
 
 def _content(arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrad.synth.shapes import blur, image_grid, smooth_field, soft_ellipse
+from fedrad.synth.shapes import blur, image_grid, sigmoid, smooth_field, soft_ellipse
 from fedrad.synth.sites import SiteProfile
 
 HU_AIR, HU_FAT, HU_SOFT, HU_LUNG, HU_BONE = -1000.0, -100.0, 40.0, -820.0, 400.0
@@ -13,9 +13,16 @@ MAX_STORED = 4095  # BitsStored 12, unsigned
 VESSELS = 10
 
 
+NODULE_RADIUS = (0.06, 0.14)
+"""Range of nodule radii in grid units (the image spans 2): about 2 to 4.5 pixels at 64 px."""
+NODULE_CONTRAST = (0.1, 1.0)
+"""Log-uniform range of nodule contrast as a fraction of the lung-to-soft-tissue step."""
+
+
 def draw_contrast(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Draw nodule contrasts over lung in HU: ground glass (about -600 HU) to solid (+40)."""
-    return (HU_SOFT - HU_LUNG) * np.exp(rng.uniform(np.log(0.25), np.log(1.0), n))
+    """Draw nodule contrasts over lung in HU: faint ground glass (-730 HU) to solid (+40)."""
+    low, high = np.log(NODULE_CONTRAST)
+    return (HU_SOFT - HU_LUNG) * np.exp(rng.uniform(low, high, n))
 
 
 def _column(rng: np.random.Generator, n: int, low: float, high: float) -> np.ndarray:
@@ -40,7 +47,11 @@ def _vessels(
     y0 = lung_y + rng.uniform(-0.3, 0.3, shape)
     dx, dy = rng.normal(0, 0.15, (2, *shape))
     radius = rng.uniform(0.012, 0.03, shape)
-    peak = rng.uniform(400.0, 800.0, shape)
+    # Partial volume: a tube thinner than a pixel spreads to a pixel and dims, so
+    # widen the profile to at least half a pixel and keep its cross-section integral.
+    blurred = np.sqrt(radius**2 + (1.0 / size) ** 2)
+    peak = rng.uniform(400.0, 800.0, shape) * (radius / blurred) ** 2
+    radius = blurred
     across_x = np.exp(-(((axis - x0 - dx * t) / radius) ** 2))  # (n, K, D, W)
     across_y = peak * np.exp(-(((axis - y0 - dy * t) / radius) ** 2))  # (n, K, D, H)
     return np.einsum("nkdh,nkdw->ndhw", across_y, across_x)
@@ -64,10 +75,10 @@ def _nodules(
     cx = lung_x + reach * axis_x * np.cos(theta)
     cy = lung_y + reach * axis_y * np.sin(theta)
     cz = _column(rng, n, 0.3, 0.7) * (slices - 1)
-    radius = _column(rng, n, 0.04, 0.12)
+    radius = _column(rng, n, *NODULE_RADIUS)
     radius_z = radius * (site.size * site.pixel_spacing / 2) / site.slice_thickness
     rho = np.sqrt(((u - cx) ** 2 + (v - cy) ** 2) / radius**2 + ((z - cz) / radius_z) ** 2)
-    return contrast[:, None, None, None] / (1.0 + np.exp((rho - 1.0) / 0.15))
+    return contrast[:, None, None, None] * sigmoid((1.0 - rho) / 0.15)
 
 
 def render_ct(

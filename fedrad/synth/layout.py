@@ -22,15 +22,16 @@ _FOLDER_NAME = re.compile(r"site-[1-9][0-9]*|holdout")
 
 
 def is_synth_folder(folder: Path) -> bool:
-    """Return True if ``folder`` is a real directory that is empty or holds our DICOM files.
+    """Return True if ``folder`` is a real directory holding no files or our DICOM files.
 
     One file is enough to tell: every file this package writes carries
     :data:`SYNTH_MARKER` as DeidentificationMethod, real data does not.
     """
     if folder.is_symlink() or not folder.is_dir():
         return False
-    if not any(folder.iterdir()):
-        return True
+    files = (p for p in folder.rglob("*") if p.is_file())
+    if next(files, None) is None:
+        return True  # empty, or only empty folders left by an interrupted run
     sample = next(iter(folder.rglob("*.dcm")), None)
     if sample is None:
         return False

@@ -32,7 +32,7 @@ TOWNS = ("Northbrook", "Riverside", "St. Aldhelm", "Lakeview", "Hillcrest", "Eas
 HOSPITAL_KINDS = ("General Hospital", "University Hospital", "Medical Center",
                   "Regional Hospital", "Clinic", "Community Hospital", "Infirmary",
                   "Teaching Hospital")
-CT_SLICE_THICKNESSES = (3.0, 4.0, 5.0)
+CT_SLICE_THICKNESSES = (5.0, 6.0, 7.0)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def draw_site_profiles(config: SynthConfig) -> tuple[SiteProfile, ...]:
             gain=rng.uniform(0.8, 1.15) if is_2d else rng.uniform(0.97, 1.03),
             offset=rng.uniform(-0.04, 0.08) if is_2d else rng.uniform(-20.0, 20.0),
             gamma=rng.uniform(0.8, 1.25) if is_2d else 1.0,
-            noise=(0.008 + 0.03 * noise[i]) if is_2d else (8.0 + 30.0 * noise[i]),
+            noise=float(0.008 + 0.03 * noise[i]) if is_2d else float(8.0 + 30.0 * noise[i]),
             blur=float(blur[i]) * size / 64,
         ))
     return tuple(profiles)

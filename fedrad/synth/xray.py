@@ -12,9 +12,9 @@ from fedrad.synth.sites import SiteProfile
 AIR, BODY, LUNG = 0.06, 0.66, 0.26
 """Display intensities (0..1) outside the body, of soft tissue and of aerated lung."""
 MAX_STORED = 4095  # BitsStored 12
-LESION_RADIUS = (0.06, 0.16)
-"""Range of lesion radii in grid units (the image spans 2): about 2 to 5 pixels at 64 px."""
-LESION_CONTRAST = (0.2, 0.8)
+LESION_RADIUS = (0.07, 0.2)
+"""Range of lesion radii in grid units (the image spans 2): about 2 to 6 pixels at 64 px."""
+LESION_CONTRAST = (0.15, 1.5)
 """Log-uniform range of lesion contrast, as a fraction of the lung-to-tissue difference."""
 
 
@@ -85,7 +85,8 @@ def _lesions(
 
 def draw_contrast(rng: np.random.Generator, n: int) -> np.ndarray:
     """Draw finding contrasts, log-uniform from faint to obvious, in display units."""
-    return (BODY - LUNG) * np.exp(rng.uniform(*np.log(LESION_CONTRAST), n))
+    low, high = np.log(LESION_CONTRAST)
+    return (BODY - LUNG) * np.exp(rng.uniform(low, high, n))
 
 
 def render_xrays(
