@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
     ev.set_defaults(handler=_cmd_evaluate)
 
+    from fedrad.npz_import import add_parser as add_import_npz
+
+    add_import_npz(sub)
+
     demo = sub.add_parser("demo", help="synthesize 4 hospitals, federate, score on a holdout")
     demo.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data and run (default 0)")

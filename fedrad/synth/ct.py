@@ -13,14 +13,14 @@ MAX_STORED = 4095  # BitsStored 12, unsigned
 VESSELS = 10
 
 
-NODULE_RADIUS = (0.06, 0.14)
-"""Range of nodule radii in grid units (the image spans 2): about 2 to 4.5 pixels at 64 px."""
-NODULE_CONTRAST = (0.1, 1.0)
+NODULE_RADIUS = (0.07, 0.16)
+"""Range of nodule radii in grid units (the image spans 2): about 2 to 5 pixels at 64 px."""
+NODULE_CONTRAST = (0.15, 1.2)
 """Log-uniform range of nodule contrast as a fraction of the lung-to-soft-tissue step."""
 
 
 def draw_contrast(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Draw nodule contrasts over lung in HU: faint ground glass (-730 HU) to solid (+40)."""
+    """Draw nodule contrasts over lung in HU: ground glass (-690 HU) to calcified (+210)."""
     low, high = np.log(NODULE_CONTRAST)
     return (HU_SOFT - HU_LUNG) * np.exp(rng.uniform(low, high, n))
 

@@ -1,0 +1,271 @@
+"""Checking every file of a site folder before it is trusted: accept, quarantine, or duplicate.
+
+Each file is read once (size-capped before reading), hashed, parsed from memory (never
+forced), checked (object type, required tags, burned-in annotation, transfer syntax, pixel
+data length) and decoded, in worker processes that are killed when a file hangs
+(``decode-timeout``) and replaced when one dies (``worker-crashed``). One bad file never stops
+a scan. The result is deterministic: sorted by path relative to the site folder.
+
+Policy on objects: only image storage SOP classes (and private classes whose Modality is not
+a known non-image one) are accepted. Segmentations (SEG) are refused like other derived
+non-images: they are label maps, not images to learn from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from client.dicom import (
+    DECODE_CAP_FACTOR,
+    REASON_HELP,
+    DicomRejected,
+    check_geometry,
+    check_object,
+    decode_pixels,
+    header_attributes,
+    parse_dicom,
+    read_capped,
+)
+from client.labels import LABELS_FILE
+from client.scan_worker import run_in_workers
+from fedrad.errors import ConfigError, DataError
+
+__all__ = [
+    "QUARANTINE_REASONS",
+    "REASON_HELP",
+    "AcceptedFile",
+    "QuarantinedFile",
+    "ScanReport",
+    "check_file",
+    "list_site_files",
+    "scan_folder",
+]
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_REASONS: tuple[str, ...] = tuple(REASON_HELP)
+"""The stable reason codes of a quarantined file; :data:`REASON_HELP` explains each."""
+_LOST_REASONS = {"timeout": "decode-timeout", "crash": "worker-crashed"}
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class AcceptedFile:
+    """A file that decodes as declared; ``path`` is POSIX, relative to the site folder."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    modality: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    rows: int
+    columns: int
+    frames: int
+    samples_per_pixel: int
+    transfer_syntax: str
+    position_z: float | None
+    instance_number: int | None
+    sex: str
+    age_years: int | None
+    manufacturer: str
+
+
+@dataclass(frozen=True)
+class QuarantinedFile:
+    """A file that is not used: ``reason`` is a code of :data:`QUARANTINE_REASONS`."""
+
+    path: str
+    reason: str
+    detail: str
+
+
+CheckResult = AcceptedFile | QuarantinedFile
+
+
+def _kebab(record: dict[str, Any]) -> dict[str, Any]:
+    return {key.replace("_", "-"): value for key, value in record.items()}
+
+
+@dataclass
+class ScanReport:
+    """Every file of a site folder, accepted, quarantined, or a duplicate of an accepted one."""
+
+    site_dir: Path
+    accepted: list[AcceptedFile]
+    quarantined: list[QuarantinedFile]
+    duplicates: list[tuple[str, str]]
+    """(path, path of the accepted file it duplicates): same SOPInstanceUID or same bytes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as JSON-ready data (kebab-case keys)."""
+        return {
+            "site-dir": str(self.site_dir),
+            "counts": {
+                "files": len(self.accepted) + len(self.quarantined) + len(self.duplicates),
+                "accepted": len(self.accepted),
+                "quarantined": len(self.quarantined),
+                "duplicates": len(self.duplicates),
+            },
+            "accepted": [_kebab(asdict(f)) for f in self.accepted],
+            "quarantined": [_kebab(asdict(f)) for f in self.quarantined],
+            "duplicates": [{"path": p, "duplicate-of": o} for p, o in self.duplicates],
+        }
+
+
+def check_file(path: Path, *, max_bytes: int, decode: bool = True) -> CheckResult:
+    """Check one file and say whether it can be used; never raises.
+
+    The reported path is ``path`` as given (POSIX). ``decode=False`` skips the final decode
+    (the pixel data length is still checked).
+    """
+    label = path.as_posix()
+    try:
+        return _inspect(path, label, max_bytes=max_bytes, decode=decode)
+    except DicomRejected as exc:
+        return QuarantinedFile(label, exc.code, exc.reason)
+    except MemoryError:
+        return QuarantinedFile(label, "too-large", "ran out of memory while checking")
+    except Exception as exc:  # noqa: BLE001 - a file must never stop a scan
+        log.debug("unexpected failure on %s", label, exc_info=True)
+        return QuarantinedFile(label, "malformed", f"unexpected {exc.__class__.__name__}: {exc}")
+
+
+def _inspect(path: Path, label: str, *, max_bytes: int, decode: bool) -> AcceptedFile:
+    data, info = read_capped(path, max_bytes=max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    ds = parse_dicom(data, path)
+    check_object(ds, path)
+    geometry = check_geometry(ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * max_bytes)
+    if decode:
+        decode_pixels(ds, geometry, path)
+    return AcceptedFile(
+        path=label,
+        sha256=digest,
+        size=info.st_size,
+        mtime_ns=info.st_mtime_ns,
+        rows=geometry.rows,
+        columns=geometry.columns,
+        frames=geometry.frames,
+        samples_per_pixel=geometry.samples_per_pixel,
+        transfer_syntax=str(geometry.transfer_syntax),
+        **header_attributes(ds),  # type: ignore[arg-type]
+    )
+
+
+def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) -> list[str]:
+    """Return every candidate file under ``site_dir`` as sorted POSIX relative paths.
+
+    Skips ``labels.csv``, hidden files and folders, and what ``skip`` says; does not follow
+    links to folders (no loops), but lists links to files, FIFOs and the like so that the
+    scan reports them.
+    """
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(site_dir / relative if relative else site_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                path = f"{relative}/{name}" if relative else name
+                if name.startswith(".") or (skip is not None and skip(site_dir / path)):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif name != LABELS_FILE:
+                    found.append(path)
+    return sorted(found)
+
+
+def _quiet_worker() -> None:
+    """Keep pydicom's per-file warnings out of the worker's output (the report says why)."""
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def _check_relative(
+    check: Callable[..., CheckResult], max_bytes: int, relative: str
+) -> CheckResult:
+    """Worker task: check a path relative to the working directory (the site folder)."""
+    result = check(Path(relative), max_bytes=max_bytes)
+    return result if result.path == relative else replace(result, path=relative)
+
+
+def _lost(relative: str, kind: str, detail: str) -> CheckResult:
+    return QuarantinedFile(relative, _LOST_REASONS[kind], detail)
+
+
+def scan_folder(
+    site_dir: Path,
+    *,
+    workers: int = 1,
+    timeout_s: float = 20.0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    skip: Callable[[Path], bool] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    _check: Callable[..., CheckResult] = check_file,
+) -> ScanReport:
+    """Check every file under ``site_dir`` in ``workers`` processes.
+
+    A file whose check runs past ``timeout_s`` is quarantined as ``decode-timeout``, one whose
+    worker dies as ``worker-crashed``; the scan goes on. ``on_progress(done, total)`` reports
+    progress. ``_check`` replaces :func:`check_file` in tests.
+
+    Raises
+    ------
+    DataError
+        When ``site_dir`` is not a folder.
+    ConfigError
+        When ``workers``, ``timeout_s`` or ``max_bytes`` is not positive.
+    """
+    if workers < 1 or not timeout_s > 0 or max_bytes < 1:
+        raise ConfigError(
+            f"workers ({workers}), timeout ({timeout_s} s) and size cap ({max_bytes} bytes) "
+            "must be positive; e.g. --workers 2 --timeout 20 --max-mb 256."
+        )
+    if not site_dir.is_dir():
+        raise DataError(
+            f"Site data folder {site_dir} does not exist or is not a folder; point to the "
+            "folder holding the site's DICOM files and labels.csv."
+        )
+    paths = list_site_files(site_dir, skip)
+    results = run_in_workers(
+        partial(_check_relative, _check, max_bytes), paths, cwd=site_dir.resolve(),
+        workers=workers, timeout_s=timeout_s, on_lost=_lost, initializer=_quiet_worker,
+        on_progress=on_progress,
+    )
+    report = _report(site_dir, results)
+    log.info(
+        "%s: %d file(s) accepted, %d quarantined, %d duplicate(s)",
+        site_dir, len(report.accepted), len(report.quarantined), len(report.duplicates),
+    )
+    return report
+
+
+def _report(site_dir: Path, results: list[CheckResult]) -> ScanReport:
+    """Split results into accepted, quarantined and duplicates (first path in order wins)."""
+    report = ScanReport(site_dir=site_dir, accepted=[], quarantined=[], duplicates=[])
+    by_digest: dict[str, str] = {}
+    by_instance: dict[str, str] = {}
+    for result in sorted(results, key=lambda r: r.path):
+        if isinstance(result, QuarantinedFile):
+            report.quarantined.append(result)
+            continue
+        original = by_digest.get(result.sha256) or by_instance.get(result.sop_instance_uid)
+        if original is not None:
+            report.duplicates.append((result.path, original))
+            continue
+        by_digest[result.sha256] = by_instance[result.sop_instance_uid] = result.path
+        report.accepted.append(result)
+    return report
