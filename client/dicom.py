@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import struct
+import warnings
 from collections.abc import Container
 from dataclasses import dataclass
 from io import BytesIO
@@ -439,13 +440,21 @@ def _geometry(ds: Dataset, path: Path) -> PixelGeometry:
 
 
 def decode_pixels(ds: Dataset, geometry: PixelGeometry, path: Path) -> np.ndarray:
-    """Decode the pixel data and check it has the declared shape and finite values."""
-    try:
-        pixels = pydicom.pixels.pixel_array(ds)  # ds.pixel_array, without its cache checks
-    except MemoryError:
-        raise DicomRejected(path, "decoding ran out of memory", code="too-large") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "reject this file"
-        raise DicomRejected(path, f"pixel data cannot be decoded ({_brief(exc)})") from None
+    """Decode the pixel data and check it has the declared shape and finite values.
+
+    A decoder warning counts as a failure: pydicom warns, then guesses, when the compressed
+    data do not fit the header (an RLE segment longer than Rows x Columns, for instance).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pixels = pydicom.pixels.pixel_array(ds)  # ds.pixel_array, without its cache checks
+        except MemoryError:
+            raise DicomRejected(path, "decoding ran out of memory", code="too-large") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "reject this file"
+            raise DicomRejected(path, f"pixel data cannot be decoded ({_brief(exc)})") from None
+    if caught:
+        raise DicomRejected(path, f"the decoder had to guess: {str(caught[0].message)[:200]}")
     if pixels.shape != geometry.shape:
         raise DicomRejected(
             path, f"decoded shape {pixels.shape}, header declares {geometry.shape}"

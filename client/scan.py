@@ -13,6 +13,7 @@ non-images: they are label maps, not images to learn from.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import logging
 import os
@@ -189,9 +190,10 @@ def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) 
 
 
 def _quiet_worker() -> None:
-    """Keep pydicom's per-file warnings out of the worker's output (the report says why)."""
+    """Keep per-file warnings and crash dumps out of the worker's output (the report says why)."""
     warnings.simplefilter("ignore")
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    faulthandler.disable()  # a decoder crash is reported as worker-crashed, not as a dump
 
 
 def _check_relative(

@@ -33,6 +33,7 @@ R = TypeVar("R")
 LOST_KINDS = ("timeout", "crash")
 """How a path can be lost: its task ran past the timeout, or its worker died."""
 MAX_CHUNK = 128
+MAX_CHUNK_CHARS = 16_000  # far below a pipe's 64 KiB buffer
 IN_FLIGHT = 2  # chunks sent to a worker ahead of its results: it never waits for the parent
 _SEQ, _INDEX, _STARTED = 0, 1, 2  # slots of a worker's shared progress array
 
@@ -111,14 +112,25 @@ class _Pool(Generic[R]):
         self.workers.append(worker)
         return worker
 
-    def send(self, worker: _Worker, indices: list[int], items: Sequence[str]) -> None:
-        """Send a chunk; an idle worker's clock starts now."""
+    def send(self, worker: _Worker, indices: list[int], items: Sequence[str]) -> bool:
+        """Send a chunk (an idle worker's clock starts now); False if an idle worker is gone.
+
+        A busy worker that died keeps the chunk: its end of the pipe reads EOF next, and the
+        crash is handled there, blaming the path it was on.
+        """
         self.sent += 1
-        if not worker.chunks:
+        idle = not worker.chunks
+        if idle:
             worker.progress[_STARTED] = time.monotonic()
             worker.progress[_SEQ], worker.progress[_INDEX] = self.sent, 0
         worker.chunks[self.sent] = indices
-        worker.conn.send((self.sent, [items[i] for i in indices]))
+        try:
+            worker.conn.send((self.sent, [items[i] for i in indices]))
+        except OSError:
+            if idle:
+                del worker.chunks[self.sent]
+                return False
+        return True
 
     def stop(self, worker: _Worker, *, kill: bool) -> int | None:
         """Stop one worker (politely or with SIGKILL); return its exit code."""
@@ -144,10 +156,19 @@ class _Pool(Generic[R]):
             self.stop(worker, kill=bool(worker.chunks))
 
 
-def _take(queue: deque[int], workers: int) -> list[int]:
-    """Take the next chunk: large while much is left, small near the end (guided)."""
+def _take(queue: deque[int], items: Sequence[str], workers: int) -> list[int]:
+    """Take the next chunk: large while much is left, small near the end (guided).
+
+    A chunk's paths stay under :data:`MAX_CHUNK_CHARS`, so that a chunk waiting in a pipe
+    never fills it: the parent's send cannot block while a worker is sending its results.
+    """
     size = max(1, min(MAX_CHUNK, math.ceil(len(queue) / (workers * 4))))
-    return [queue.popleft() for _ in range(min(size, len(queue)))]
+    chunk = [queue.popleft()]
+    chars = len(items[chunk[0]])
+    while queue and len(chunk) < size and chars + len(items[queue[0]]) <= MAX_CHUNK_CHARS:
+        chars += len(items[queue[0]])
+        chunk.append(queue.popleft())
+    return chunk
 
 
 def _in_progress(worker: _Worker) -> tuple[int, int, float] | None:
@@ -215,10 +236,14 @@ def run_in_workers(
 def _dispatch(pool: _Pool[R], queue: deque[int], items: Sequence[str], workers: int) -> None:
     """Keep every worker supplied, starting workers up to ``workers`` while work waits."""
     while queue and len(pool.workers) < workers:
-        pool.send(pool.start(), _take(queue, workers), items)
-    for worker in pool.workers:
+        pool.start()
+    for worker in list(pool.workers):
         while queue and len(worker.chunks) < IN_FLIGHT:
-            pool.send(worker, _take(queue, workers), items)
+            chunk = _take(queue, items, workers)
+            if not pool.send(worker, chunk, items):  # died while idle: nobody to blame
+                queue.extendleft(reversed(chunk))
+                pool.stop(worker, kill=True)
+                break
 
 
 def _collect(

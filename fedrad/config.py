@@ -147,11 +147,11 @@ class RunConfig:
     num_classes: int = 2
     positive_label: int = 1
     model: str = "cnn"
-    num_server_rounds: int = 5
-    local_epochs: int = 1
-    learning_rate: float = 0.05
+    num_server_rounds: int = 10
+    local_epochs: int = 3
+    learning_rate: float = 0.001
     batch_size: int = 32
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
     strategy: str = "fedavg"

@@ -77,10 +77,19 @@ class ResidualBlock(nn.Module):
         return self.act2(out + self.shortcut(x))  # out of place: Opacus hooks forbid "+="
 
 
+_POOLS = {
+    "avg": (Pool.ADAPTIVEAVG,),
+    "max": (Pool.ADAPTIVEMAX,),
+    "avgmax": (Pool.ADAPTIVEAVG, Pool.ADAPTIVEMAX),
+}
+
+
 class ResNetEncoder(nn.Module):
     """Stride-1 3x3 stem, one residual block per width (each after the first halves the size).
 
-    Maps ``(B, C, *spatial)`` to features ``(B, widths[-1])`` by global average pooling.
+    Maps ``(B, C, *spatial)`` to features by global pooling: ``avg`` (``(B, widths[-1])``),
+    ``max``, or ``avgmax`` (both, concatenated: ``(B, 2 * widths[-1])``). Max pooling keeps a
+    small, local finding (a nodule) from being averaged away over the whole image.
 
     Parameters
     ----------
@@ -90,9 +99,13 @@ class ResNetEncoder(nn.Module):
         Input channels.
     widths : Sequence[int]
         Channels of each stage, for example ``(16, 32, 64)``.
+    pool : str
+        ``avg``, ``max`` or ``avgmax``.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, widths: Sequence[int]):
+    def __init__(
+        self, spatial_dims: int, in_channels: int, widths: Sequence[int], pool: str = "avgmax"
+    ):
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
         self.stem = nn.Sequential(
@@ -106,15 +119,18 @@ class ResNetEncoder(nn.Module):
             blocks.append(ResidualBlock(spatial_dims, previous, width, 1 if index == 0 else 2))
             previous = width
         self.blocks = nn.Sequential(*blocks)
-        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
-        self.num_features = previous
+        self.pools = nn.ModuleList(
+            [Pool[kind, spatial_dims](1) for kind in _POOLS[pool]]
+        )
+        self.num_features = previous * len(self.pools)
         for module in self.modules():
             if isinstance(module, conv):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return pooled features of shape ``(B, widths[-1])``."""
-        return self.pool(self.blocks(self.stem(x))).flatten(1)
+        features = self.blocks(self.stem(x))
+        return torch.cat([pool(features).flatten(1) for pool in self.pools], dim=1)
 
 
 class ResNetClassifier(nn.Module):
@@ -133,10 +149,15 @@ class ResNetClassifier(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, num_classes: int, widths: Sequence[int]
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        widths: Sequence[int],
+        pool: str = "avgmax",
     ):
         super().__init__()
-        self.encoder = ResNetEncoder(spatial_dims, in_channels, widths)
+        self.encoder = ResNetEncoder(spatial_dims, in_channels, widths, pool)
         self.head = nn.Linear(self.encoder.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +201,7 @@ def build_cnn(
     num_classes: int,
     image_size: Sequence[int],
     widths: Sequence[int] = DEFAULT_WIDTHS,
+    pool: str = "avgmax",
 ) -> nn.Module:
     """Build the small GroupNorm ResNet (about 78k parameters in 2D, 230k in 3D by default).
 
@@ -195,6 +217,8 @@ def build_cnn(
         ``(H, W)`` or ``(D, H, W)``; checked against the number of stages.
     widths : Sequence[int]
         Channels of each stage; each stage after the first halves the size.
+    pool : str
+        Global pooling: ``avg``, ``max`` or ``avgmax`` (default).
 
     Returns
     -------
@@ -207,4 +231,8 @@ def build_cnn(
         num_classes=num_classes,
         image_size=image_size,
     )
-    return ResNetClassifier(spatial_dims, in_channels, num_classes, check_widths(widths, size))
+    if pool not in _POOLS:
+        raise ValueError(f"pool must be one of {', '.join(_POOLS)}, got {pool!r}")
+    return ResNetClassifier(
+        spatial_dims, in_channels, num_classes, check_widths(widths, size), pool
+    )
