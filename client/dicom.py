@@ -88,6 +88,7 @@ _TAGS: dict[str, BaseTag] = {
     )
 }
 """Tags of the attributes read here: indexing by BaseTag skips pydicom's keyword lookup."""
+_NOT_DICOM = "not a readable DICOM file (no preamble and 'DICM' prefix)"
 DECODE_CAP_FACTOR = 16  # decoded pixels may be at most this many times the file size cap
 READ_PIXELS_MAX_BYTES = 2**31
 """Size cap of :func:`read_pixels` (the site scan applies its own, smaller cap first)."""
@@ -211,7 +212,7 @@ def read_header(path: Path) -> DicomHeader:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
-        raise DicomRejected(path, "not a DICOM Part-10 file", code="not-dicom") from None
+        raise DicomRejected(path, _NOT_DICOM, code="not-dicom") from None
     except OSError as exc:
         raise DicomRejected(path, f"cannot be read ({exc.strerror})", code="unreadable") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure means "reject this file"
@@ -276,12 +277,9 @@ def parse_dicom(data: bytes, path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(BytesIO(data))
     except InvalidDicomError:
-        raise DicomRejected(
-            path, "no DICOM preamble and 'DICM' prefix: not a DICOM Part-10 file",
-            code="not-dicom",
-        ) from None
+        raise DicomRejected(path, _NOT_DICOM, code="not-dicom") from None
     except (EOFError, OSError, struct.error) as exc:  # pydicom's ways of meeting the end
-        reason = f"the file ends inside the header ({_brief(exc)})"
+        reason = f"file truncated inside the header ({_brief(exc)})"
         raise DicomRejected(path, reason, code="truncated") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure means "reject this file"
         reason = f"header cannot be parsed ({_brief(exc)})"
@@ -301,23 +299,24 @@ def _check_complete(ds: Dataset, size: int, path: Path) -> None:
     pydicom reads a cut-off value silently, and stops silently when fewer than the 8 bytes of
     an element header remain: only the last element read can show the cut.
     """
-    last = next(reversed(ds.keys()), None)
+    tags = list(ds.keys())  # in the order read
+    last = tags[-1] if tags else None
     if last is None:
-        raise DicomRejected(path, "the dataset holds no elements", code="truncated")
+        raise DicomRejected(path, "file truncated after the file meta", code="truncated")
     raw = ds.get_item(last)
     if not isinstance(raw, RawDataElement) or raw.value is None or raw.length == 0xFFFFFFFF:
         return
     name = pydicom.datadict.keyword_for_tag(raw.tag) or str(raw.tag)
     if len(raw.value) < raw.length:
         raise DicomRejected(
-            path, f"{name} declares {raw.length} bytes but the file ends after "
+            path, f"file truncated: {name} declares {raw.length} bytes, the file holds "
             f"{len(raw.value)} (cut-off copy, or a damaged length)", code="truncated",
         )
     trailing = size - (raw.value_tell + raw.length)
     deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     if 0 < trailing < 8 and not deflated:  # offsets of a deflated file are in the inflated data
         raise DicomRejected(
-            path, f"the file ends {trailing} byte(s) into the element after {name}",
+            path, f"file truncated {trailing} byte(s) into the element after {name}",
             code="truncated",
         )
 

@@ -168,24 +168,30 @@ def _inspect(path: Path, label: str, *, max_bytes: int, decode: bool) -> Accepte
 def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) -> list[str]:
     """Return every candidate file under ``site_dir`` as sorted POSIX relative paths.
 
-    Skips ``labels.csv``, hidden files and folders, and what ``skip`` says; does not follow
-    links to folders (no loops), but lists links to files, FIFOs and the like so that the
+    Skips ``labels.csv``, hidden files and folders, and what ``skip`` says (it is asked about
+    files and folders; a skipped folder is not entered). Links to folders are not followed
+    (no loops); they, FIFOs and sub-folders that cannot be listed are returned so that the
     scan reports them.
     """
     found: list[str] = []
     pending = [""]
     while pending:
         relative = pending.pop()
-        with os.scandir(site_dir / relative if relative else site_dir) as entries:
-            for entry in entries:
-                name = entry.name
-                path = f"{relative}/{name}" if relative else name
-                if name.startswith(".") or (skip is not None and skip(site_dir / path)):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(path)
-                elif name != LABELS_FILE:
-                    found.append(path)
+        try:
+            entries = list(os.scandir(site_dir / relative if relative else site_dir))
+        except OSError as exc:
+            if not relative:
+                raise DataError(f"Cannot list {site_dir}: {exc.strerror}.") from None
+            found.append(relative)  # reported as unreadable
+            continue
+        for entry in entries:
+            path = f"{relative}/{entry.name}" if relative else entry.name
+            if entry.name.startswith(".") or (skip is not None and skip(site_dir / path)):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(path)
+            elif entry.name != LABELS_FILE:
+                found.append(path)
     return sorted(found)
 
 
@@ -221,8 +227,10 @@ def scan_folder(
     """Check every file under ``site_dir`` in ``workers`` processes.
 
     A file whose check runs past ``timeout_s`` is quarantined as ``decode-timeout``, one whose
-    worker dies as ``worker-crashed``; the scan goes on. ``on_progress(done, total)`` reports
-    progress. ``_check`` replaces :func:`check_file` in tests.
+    worker dies as ``worker-crashed``; the scan goes on. Files over ``max_bytes`` are refused
+    unread. ``skip(path)`` leaves files or folders out (see :func:`list_site_files`);
+    ``on_progress(done, total)`` reports progress; ``_check`` replaces :func:`check_file`
+    in tests.
 
     Raises
     ------

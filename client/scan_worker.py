@@ -215,7 +215,7 @@ def run_in_workers(
     poll_s = max(0.01, min(0.5, timeout_s / 10))
 
     def lose(index: int, kind: str, detail: str) -> None:
-        log.warning("%s: %s (%s)", items[index], detail, kind)
+        log.warning("%s: %s", items[index], detail)
         results[index] = on_lost(items[index], kind, detail)
 
     try:

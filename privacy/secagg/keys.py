@@ -1,0 +1,117 @@
+"""X25519 key agreement, HKDF-SHA256 key derivation and AES-GCM encryption of shares.
+
+Every derived key is bound by HKDF's ``info`` to a purpose, the round and the node ids, so a
+key agreed for one use, round or pair can serve no other. Public keys are not authenticated
+here: a coordinator that swaps them can run a man-in-the-middle attack; node authentication
+belongs to a later layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import ProtocolError, ShareDecryptionError
+from .ids import NodeId, encode_fields, encode_id
+
+__all__ = [
+    "KEY_BYTES",
+    "SEALED_OVERHEAD",
+    "agree",
+    "derive_key",
+    "generate_private_key",
+    "open_sealed",
+    "private_bytes",
+    "public_bytes",
+    "seal",
+    "share_associated_data",
+]
+
+KEY_BYTES = 32
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+SEALED_OVERHEAD = _NONCE_BYTES + _TAG_BYTES
+_LABEL = b"fedrad/secagg/v1"
+
+
+def generate_private_key() -> X25519PrivateKey:
+    """Return a fresh X25519 private key from the operating system's CSPRNG."""
+    return X25519PrivateKey.generate()
+
+
+def public_bytes(private_key: X25519PrivateKey) -> bytes:
+    """Return the 32 raw bytes of the public key of ``private_key``."""
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def private_bytes(private_key: X25519PrivateKey) -> bytes:
+    """Return the 32 raw bytes of ``private_key`` (to be secret-shared, never sent in clear)."""
+    return private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def agree(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """Return the X25519 shared secret with the peer's raw public key.
+
+    Raises
+    ------
+    ProtocolError
+        If the peer key is not 32 bytes or is a low-order point (all-zero shared secret).
+    """
+    if len(peer_public) != KEY_BYTES:
+        raise ProtocolError(f"A public key must be {KEY_BYTES} bytes, got {len(peer_public)}.")
+    try:
+        return private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as error:
+        raise ProtocolError(f"Unusable peer public key: {error}") from error
+
+
+def derive_key(secret: bytes, *, purpose: bytes, context: bytes) -> bytes:
+    """Derive a 32-byte key from ``secret`` with HKDF-SHA256, bound to ``purpose`` and ``context``."""
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=KEY_BYTES,
+        salt=None,
+        info=encode_fields(_LABEL, purpose, context),
+    )
+    return hkdf.derive(secret)
+
+
+def share_associated_data(*, round_id: str, sender: NodeId, receiver: NodeId) -> bytes:
+    """Return the associated data that binds an encrypted share to its round and direction."""
+    return encode_fields(
+        _LABEL, b"share", round_id.encode("utf-8"), encode_id(sender), encode_id(receiver)
+    )
+
+
+def seal(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:
+    """Encrypt with AES-256-GCM under a random nonce; return ``nonce || ciphertext || tag``."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def open_sealed(key: bytes, sealed: bytes, *, associated_data: bytes) -> bytes:
+    """Decrypt what :func:`seal` produced.
+
+    Raises
+    ------
+    ShareDecryptionError
+        If the ciphertext, key or associated data do not match (tampered or misaddressed share).
+    """
+    if len(sealed) < SEALED_OVERHEAD:
+        raise ShareDecryptionError(f"An encrypted share of {len(sealed)} bytes is too short.")
+    try:
+        return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], associated_data)
+    except InvalidTag as error:
+        raise ShareDecryptionError(
+            "An encrypted share failed authentication: it was altered, or sent for another "
+            "round, sender or receiver."
+        ) from error
