@@ -9,6 +9,7 @@ the site as they are.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from client.dicom import DicomHeader, DicomRejected, read_header, read_pixels
+from client.cache import SiteCache, sample_key
+from client.ingest import Ingested, Verdict, ingest_files, verdict_from_dict, verdict_to_dict
 from client.labels import LABELS_FILE, LabelRow, assign_split, read_labels
+from client.scan import DEFAULT_MAX_BYTES, AcceptedFile, QuarantinedFile, list_site_files
 from client.transforms import TransformConfig, preprocess
 from fedrad.errors import DataError
 
@@ -68,122 +71,135 @@ class SiteDataset(Dataset[tuple[torch.Tensor, int]]):
         return SiteDataset(self.site_dir, [s for s in self.samples if s.split == split])
 
 
-def _inside(site_dir: Path, sample_id: str) -> Path | None:
-    """Return the file an id names if it is a path inside the site folder, else None."""
-    candidate = (site_dir / sample_id).resolve()
-    root = site_dir.resolve()
-    if root in candidate.parents and candidate.is_file():
-        return candidate
-    return None
+@dataclass(frozen=True)
+class IngestSettings:
+    """How a site reads its folder: worker processes, per-file timeout, size cap, cache."""
+
+    workers: int = 1
+    timeout_s: float = 20.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    cache_root: Path | None = None
 
 
-def _index_headers(site_dir: Path) -> tuple[dict[str, list[DicomHeader]], list[tuple[str, str]]]:
-    """Read every DICOM header under the folder, grouped by SeriesInstanceUID and by study."""
-    groups: dict[str, list[DicomHeader]] = {}
-    rejected: list[tuple[str, str]] = []
-    for path in sorted(p for p in site_dir.rglob("*") if p.is_file()):
-        if path.name == LABELS_FILE or path.name.startswith("."):
-            continue
-        try:
-            header = read_header(path)
-        except DicomRejected as exc:
-            rejected.append((str(path.relative_to(site_dir)), exc.reason))
-            continue
-        for uid in (header.series_uid, header.study_uid):
-            if uid:
-                groups.setdefault(uid, []).append(header)
-    return groups, rejected
-
-
-def _resolve(
-    site_dir: Path, rows: list[LabelRow]
-) -> tuple[list[tuple[LabelRow, list[Path]]], list[tuple[str, str]]]:
-    """Map each labelled id to its files; ids naming nothing raise one DataError."""
-    resolved: list[tuple[LabelRow, list[Path]]] = []
-    pending: list[LabelRow] = []
-    for row in rows:
-        path = _inside(site_dir, row.id)
-        if path is not None:
-            resolved.append((row, [path]))
-        else:
-            pending.append(row)
-    rejected: list[tuple[str, str]] = []
-    if pending:
-        groups, rejected = _index_headers(site_dir)
-        missing = [row for row in pending if row.id not in groups]
-        if missing:
-            shown = ", ".join(f"'{r.id}' (line {r.line})" for r in missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise DataError(
-                f"{site_dir / LABELS_FILE}: {len(missing)} id(s) name no file and no DICOM "
-                f"series or study in the folder: {shown}{more}. Fix the ids (a path relative "
-                "to the site folder, a SeriesInstanceUID or a StudyInstanceUID) or restore "
-                "the files."
-            )
-        for row in pending:
-            headers = _one_series(groups[row.id])
-            resolved.append((row, [h.path for h in headers]))
-    return resolved, rejected
-
-
-def _one_series(headers: list[DicomHeader]) -> list[DicomHeader]:
-    """Keep the largest series of a group and order its slices by position along z."""
-    by_series: dict[str, list[DicomHeader]] = {}
-    for h in headers:
-        by_series.setdefault(h.series_uid, []).append(h)
-    series = max(by_series.values(), key=len)
-    return sorted(
-        series,
-        key=lambda h: (
-            h.position_z if h.position_z is not None else float(h.instance_number or 0),
-            h.instance_number or 0,
-        ),
-    )
-
-
-def _attributes(header: DicomHeader) -> dict[str, str]:
+def _attributes(verdict: AcceptedFile) -> dict[str, str]:
     return {
-        "sex": header.sex if header.sex in ("M", "F") else "unknown",
-        "age-band": age_band(header.age_years),
-        "manufacturer": header.manufacturer or "unknown",
-        "modality": header.modality,
+        "sex": verdict.sex if verdict.sex in ("M", "F") else "unknown",
+        "age-band": age_band(verdict.age_years),
+        "manufacturer": verdict.manufacturer or "unknown",
+        "modality": verdict.modality,
     }
 
 
-def _load_sample(
-    row: LabelRow, files: list[Path], config: TransformConfig, site_dir: Path
-) -> Sample:
-    headers = [read_header(p) for p in files]
-    arrays = [read_pixels(p) for p in files]
-    if config.kind == "3d":
-        if any(a.ndim != 2 for a in arrays) and len(arrays) > 1:
-            raise DicomRejected(files[0], "series mixes multi-frame and single-frame files")
-        volume = arrays[0] if len(arrays) == 1 and arrays[0].ndim == 3 else np.stack(arrays)
-        if volume.ndim != 3:
-            raise DicomRejected(files[0], f"cannot form a 3D volume from shape {volume.shape}")
-        image = preprocess(volume, modality=headers[0].modality, config=config)
-    else:
-        if len(arrays) != 1:
-            raise DicomRejected(
-                files[0], f"id is a series of {len(arrays)} slices but kind is '2d'"
-            )
-        image = preprocess(arrays[0], modality=headers[0].modality, config=config)
-    return Sample(
-        id=row.id,
-        label=row.label,
-        split=row.split or assign_split(row.id),
-        image=image,
-        attributes=_attributes(headers[0]),
+def _position(v: AcceptedFile) -> tuple[float, int]:
+    z = v.position_z if v.position_z is not None else float(v.instance_number or 0)
+    return z, v.instance_number or 0
+
+
+def _group(accepted: list[AcceptedFile]) -> dict[str, list[AcceptedFile]]:
+    """Accepted files by SeriesInstanceUID and by StudyInstanceUID (largest series kept)."""
+    series: dict[str, list[AcceptedFile]] = {}
+    for v in accepted:
+        if v.series_uid:
+            series.setdefault(v.series_uid, []).append(v)
+    groups = {uid: sorted(files, key=_position) for uid, files in series.items()}
+    by_study: dict[str, list[AcceptedFile]] = {}
+    for files in groups.values():
+        study = files[0].study_uid
+        if study and len(files) > len(by_study.get(study, [])):
+            by_study[study] = files
+    return {**by_study, **groups}
+
+
+def _missing_error(site_dir: Path, missing: list[LabelRow]) -> DataError:
+    shown = ", ".join(f"'{r.id}' (line {r.line})" for r in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return DataError(
+        f"{site_dir / LABELS_FILE}: {len(missing)} id(s) name no file and no DICOM "
+        f"series or study in the folder: {shown}{more}. Fix the ids (a path relative "
+        "to the site folder, a SeriesInstanceUID or a StudyInstanceUID) or restore "
+        "the files."
     )
 
 
-def load_site(site_dir: Path, config: TransformConfig, *, num_classes: int) -> SiteDataset:
+class _Pass:
+    """One load of a site folder: cached verdicts first, then the files still unknown."""
+
+    def __init__(self, site_dir: Path, config: TransformConfig, settings: IngestSettings) -> None:
+        self.site_dir = site_dir
+        self.config = config
+        self.settings = settings
+        self.cache = (
+            SiteCache(settings.cache_root, site_dir, config) if settings.cache_root else None
+        )
+        self.verdicts: dict[str, Verdict] = {}
+        self.pixels: dict[str, Ingested] = {}
+
+    def check(self, relatives: list[str]) -> None:
+        """Know the verdict of every file in ``relatives`` (from the cache or by ingesting)."""
+        unknown: list[str] = []
+        self.stats = {rel: os.stat(self.site_dir / rel) for rel in relatives}
+        for rel in relatives:
+            cached = self.cache.verdict(rel, self.stats[rel]) if self.cache else None
+            if cached is None:
+                unknown.append(rel)
+            else:
+                self.verdicts[rel] = verdict_from_dict(cached)
+        self.ingest(unknown)
+
+    def ingest(self, relatives: list[str]) -> None:
+        """Decode files (in workers) and remember their verdicts and pixels."""
+        s = self.settings
+        results = ingest_files(
+            self.site_dir, relatives, transform=self.config, workers=s.workers,
+            timeout_s=s.timeout_s, max_bytes=s.max_bytes,
+        )
+        for rel, result in results.items():
+            self.verdicts[rel] = result.verdict
+            self.pixels[rel] = result
+            if self.cache:
+                stat = self.stats.get(rel) or os.stat(self.site_dir / rel)
+                self.cache.remember(rel, stat, verdict_to_dict(result.verdict))
+
+    def image(self, files: list[AcceptedFile]) -> torch.Tensor:
+        """The preprocessed sample made of ``files`` (cached, or built from their pixels)."""
+        key = sample_key([f.sha256 for f in files])
+        cached = self.cache.sample(key) if self.cache else None
+        if cached is not None:
+            return cached
+        missing = [f.path for f in files if f.path not in self.pixels]
+        self.ingest(missing)
+        parts = [self.pixels[f.path] for f in files]
+        if self.config.kind == "2d":
+            if len(files) != 1 or parts[0].image is None:
+                raise ValueError(f"a series of {len(files)} slices cannot be a 2D sample")
+            tensor = torch.from_numpy(parts[0].image)
+        else:
+            values = [p.values for p in parts]
+            volume = values[0] if len(values) == 1 else np.stack(values)  # type: ignore[arg-type]
+            if volume is None or volume.ndim != 3:
+                raise ValueError("cannot form a 3D volume from these files")
+            tensor = preprocess(volume, modality=files[0].modality, config=self.config)
+        if self.cache:
+            self.cache.put_sample(key, tensor)
+        return tensor
+
+
+def load_site(
+    site_dir: Path,
+    config: TransformConfig,
+    *,
+    num_classes: int,
+    settings: IngestSettings | None = None,
+) -> SiteDataset:
     """Load every usable labelled sample of a site folder.
 
-    Files that cannot be decoded are skipped with a reason (``SiteDataset.skipped``) and never
-    become training data. Raises DataError when the folder is missing, labels are malformed or
-    name nothing, or no usable sample remains.
+    Each file is checked like ``fedrad site check`` does (quarantined files are skipped with
+    their reason and never become training data), decoded once and preprocessed; with a cache
+    root, verdicts and samples are reused while files keep their size and mtime. Raises
+    DataError when the folder is missing, labels are malformed or name nothing, or no usable
+    sample remains.
     """
+    settings = settings or IngestSettings()
     if not site_dir.is_dir():
         raise DataError(
             f"Site data folder {site_dir} does not exist; set the node config 'data-dir' "
@@ -197,19 +213,48 @@ def load_site(site_dir: Path, config: TransformConfig, *, num_classes: int) -> S
                 f"{site_dir / LABELS_FILE} line {row.line}: label {row.label} is not below "
                 f"num-classes={num_classes}; raise num-classes or fix the label."
             )
-    resolved, skipped = _resolve(site_dir, rows)
-    samples: list[Sample] = []
-    for row, files in resolved:
+    files = list_site_files(site_dir)
+    present = set(files)
+    by_path = all(row.id in present for row in rows)
+    work = _Pass(site_dir, config, settings)
+    work.check(sorted({row.id for row in rows}) if by_path else files)
+    accepted = [v for v in work.verdicts.values() if isinstance(v, AcceptedFile)]
+    groups = {} if by_path else _group(accepted)
+    missing = [r for r in rows if r.id not in present and r.id not in groups]
+    if missing:
+        raise _missing_error(site_dir, missing)
+    samples, skipped, seen = [], [], {}
+    for row in rows:
+        targets = [work.verdicts[row.id]] if row.id in present else groups[row.id]
+        rejected = [v for v in targets if isinstance(v, QuarantinedFile)]
+        if rejected:
+            skipped.append((row.id, f"{rejected[0].reason}: {rejected[0].detail}"))
+            continue
+        chosen = [v for v in targets if isinstance(v, AcceptedFile)]
+        key = sample_key([v.sha256 for v in chosen])
+        if key in seen:
+            skipped.append((row.id, f"duplicate: same content as '{seen[key]}'"))
+            continue
+        seen[key] = row.id
         try:
-            samples.append(_load_sample(row, files, config, site_dir))
-        except DicomRejected as exc:
-            skipped.append((row.id, exc.reason))
+            image = work.image(chosen)
+        except (ValueError, KeyError) as exc:
+            skipped.append((row.id, str(exc)))
+            continue
+        samples.append(
+            Sample(row.id, row.label, row.split or assign_split(row.id), image,
+                   _attributes(chosen[0]))
+        )
+    if work.cache:
+        work.cache.keep_only(set(seen))
+        work.cache.forget_missing(present)
+        work.cache.save()
     if skipped:
-        log.warning("%s: skipped %d file(s) or sample(s) that cannot be used", site_dir, len(skipped))
+        log.warning("%s: skipped %d sample(s) that cannot be used", site_dir, len(skipped))
     if not samples:
         raise DataError(
             f"Site folder {site_dir} has no usable samples ({len(skipped)} skipped, first "
-            f"reason: {skipped[0][1] if skipped else 'none labelled'}). Check the files with "
-            "pydicom or re-export them from the PACS."
+            f"reason: {skipped[0][1] if skipped else 'none labelled'}). Run 'fedrad site "
+            f"check {site_dir}' for every file's verdict."
         )
     return SiteDataset(site_dir=site_dir, samples=samples, skipped=skipped)

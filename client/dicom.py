@@ -476,7 +476,11 @@ def read_pixels(path: Path) -> np.ndarray:
     geometry = check_geometry(
         ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * READ_PIXELS_MAX_BYTES
     )
-    pixels = decode_pixels(ds, geometry, path)
+    return modality_values(decode_pixels(ds, geometry, path), ds, path)
+
+
+def modality_values(pixels: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
+    """Decoded pixels as float32 modality values; MONOCHROME1 inverted so that high is bright."""
     try:
         values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - a damaged LUT means "reject this file"

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.dataset import SiteDataset, load_site
+from client.cache import default_cache_root
+from client.dataset import IngestSettings, SiteDataset, load_site
 from client.transforms import TransformConfig
 from fedrad.config import NodeConfig, RunConfig
 from fedrad.errors import DataError
@@ -30,6 +31,8 @@ class Site:
     data_dir: Path
     num_threads: int
     min_cell_count: int
+    cache_root: Path
+    ingest_workers: int
 
 
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
@@ -37,7 +40,9 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     node = NodeConfig.from_user_config(node_config)
     if node.data_dir:
         data_dir = Path(node.data_dir).expanduser()
-        return Site(node.site_id or data_dir.name, data_dir, node.num_threads, node.min_cell_count)
+        cache = Path(node.cache_dir).expanduser() if node.cache_dir else default_cache_root()
+        return Site(node.site_id or data_dir.name, data_dir, node.num_threads,
+                    node.min_cell_count, cache, node.ingest_workers)
     if node.partition_id >= 0:
         raw = str(run_config.get("sites-dir", ""))
         sites_dir = Path(raw).expanduser() if raw else default_demo_sites_dir()
@@ -48,10 +53,17 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
                 f"{len(sites)} site(s). Run the simulation with as many supernodes as sites."
             )
         data_dir = sites[node.partition_id]
-        return Site(node.site_id or data_dir.name, data_dir, node.num_threads, node.min_cell_count)
+        cache = Path(node.cache_dir).expanduser() if node.cache_dir else simulation_cache_root(sites_dir)
+        return Site(node.site_id or data_dir.name, data_dir, node.num_threads,
+                    node.min_cell_count, cache, node.ingest_workers)
     raise DataError(
         "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."
     )
+
+
+def simulation_cache_root(sites_dir: Path) -> Path:
+    """In simulation the sites' caches sit beside the (synthetic) site folders."""
+    return sites_dir / ".fedrad-cache"
 
 
 def transform_config(config: RunConfig) -> TransformConfig:
@@ -71,7 +83,10 @@ def site_dataset(site: Site, config: RunConfig) -> SiteDataset:
     stamp = labels.stat().st_mtime_ns if labels.is_file() else None
     key = (str(site.data_dir.resolve()), stamp, transforms, config.num_classes)
     if key not in _CACHE:
-        dataset = load_site(site.data_dir, transforms, num_classes=config.num_classes)
+        settings = IngestSettings(workers=site.ingest_workers, cache_root=site.cache_root)
+        dataset = load_site(
+            site.data_dir, transforms, num_classes=config.num_classes, settings=settings
+        )
         log.info(
             "site %s: %d samples loaded, %d skipped", site.site_id, len(dataset),
             len(dataset.skipped),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -95,13 +96,18 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _preflight(config: RunConfig) -> list[Path]:
     """Check every site folder before starting the engine; return the site folders."""
-    from client.site import transform_config
-    from client.dataset import load_site
+    from client.dataset import IngestSettings, load_site
+    from client.site import simulation_cache_root, transform_config
     from fedrad.sites import list_site_dirs
 
-    sites = list_site_dirs(Path(config.sites_dir))
+    sites_dir = Path(config.sites_dir)
+    sites = list_site_dirs(sites_dir)
+    # The first pass fills the sites' caches, so simulated clients start from them.
+    settings = IngestSettings(workers=os.cpu_count() or 1, cache_root=simulation_cache_root(sites_dir))
     for site in sites:
-        dataset = load_site(site, transform_config(config), num_classes=config.num_classes)
+        dataset = load_site(
+            site, transform_config(config), num_classes=config.num_classes, settings=settings
+        )
         train = len(dataset.subset("train"))
         val = len(dataset.subset("val"))
         if train == 0 or val == 0:
@@ -248,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(handler=_cmd_evaluate)
 
     from fedrad.npz_import import add_parser as add_import_npz
+    from fedrad.site_check import add_parser as add_site_check
 
     add_import_npz(sub)
+    add_site_check(sub)
 
     demo = sub.add_parser("demo", help="synthesize 4 hospitals, federate, score on a holdout")
     demo.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")

@@ -222,6 +222,8 @@ class NodeConfig:
     site_id: str = ""
     num_threads: int = 0
     min_cell_count: int = 10
+    cache_dir: str = ""
+    ingest_workers: int = 1
     partition_id: int = -1
     num_partitions: int = 0
 
@@ -230,6 +232,7 @@ class NodeConfig:
         # simulated client is given, and torch follows it.
         _check_range("num-threads", self.num_threads, 0, 256)
         _check_range("min-cell-count", self.min_cell_count, 1, 1_000_000)
+        _check_range("ingest-workers", self.ingest_workers, 1, 256)
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any]) -> NodeConfig:

@@ -59,7 +59,9 @@ def neighbour_graph(
             "Harary ring links degree/2 sites on each side."
         )
     seed_bytes = seed.to_bytes(8, "big")
-    ring = sorted(participants, key=lambda node: hashlib.sha256(seed_bytes + encode_id(node)).digest())
+    ring = sorted(
+        participants, key=lambda node: hashlib.sha256(seed_bytes + encode_id(node)).digest()
+    )
     half = degree // 2
     return {
         node: frozenset(ring[(i + step) % n] for step in range(-half, half + 1) if step)

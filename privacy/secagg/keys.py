@@ -25,6 +25,7 @@ __all__ = [
     "agree",
     "derive_key",
     "generate_private_key",
+    "load_private_key",
     "open_sealed",
     "private_bytes",
     "public_bytes",
@@ -42,6 +43,11 @@ _LABEL = b"fedrad/secagg/v1"
 def generate_private_key() -> X25519PrivateKey:
     """Return a fresh X25519 private key from the operating system's CSPRNG."""
     return X25519PrivateKey.generate()
+
+
+def load_private_key(raw: bytes) -> X25519PrivateKey:
+    """Return the X25519 private key of 32 raw bytes (for example a reconstructed one)."""
+    return X25519PrivateKey.from_private_bytes(raw)
 
 
 def public_bytes(private_key: X25519PrivateKey) -> bytes:
@@ -75,7 +81,7 @@ def agree(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
 
 
 def derive_key(secret: bytes, *, purpose: bytes, context: bytes) -> bytes:
-    """Derive a 32-byte key from ``secret`` with HKDF-SHA256, bound to ``purpose`` and ``context``."""
+    """Derive a 32-byte key from ``secret`` by HKDF-SHA256, bound to a purpose and a context."""
     hkdf = HKDF(
         algorithm=hashes.SHA256(),
         length=KEY_BYTES,

@@ -48,7 +48,8 @@ def self_mask_key(seed: bytes, *, round_id: str, owner: NodeId) -> bytes:
 
 def pairwise_mask_key(shared_secret: bytes, *, round_id: str, pair: tuple[NodeId, NodeId]) -> bytes:
     """Derive the key of the mask two nodes share from their X25519 shared secret."""
-    low, high = sorted(pair)  # type: ignore[type-var]  # ids of one round share a kind
+    first, second = pair
+    low, high = (first, second) if pairwise_sign(first, second) > 0 else (second, first)
     context = encode_fields(round_id.encode("utf-8"), encode_id(low), encode_id(high))
     return derive_key(shared_secret, purpose=b"pairwise-mask", context=context)
 

@@ -159,7 +159,12 @@ class UnmaskResponse:
 
 
 Message = (
-    KeyAdvertisement | KeyBroadcast | ShareKeys | ShareDelivery | MaskedInput | UnmaskRequest
+    KeyAdvertisement
+    | KeyBroadcast
+    | ShareKeys
+    | ShareDelivery
+    | MaskedInput
+    | UnmaskRequest
     | UnmaskResponse
 )
 

@@ -130,7 +130,9 @@ def decode_sum(
     levels = quantisation_levels(bits)
     sums = total[:-1]
     if total_weight < 1 or (sums.size and int(sums.max()) > total_weight * levels):
-        raise ShareReconstructionError("The unmasked sum is out of range: some mask was not removed correctly.")
+        raise ShareReconstructionError(
+            "The unmasked sum is out of range: some mask was not removed correctly."
+        )
     mean = sums.astype(np.float64) / total_weight * (2.0 * clipping_range / levels) - clipping_range
     arrays: dict[str, np.ndarray] = {}
     offset = 0

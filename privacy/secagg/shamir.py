@@ -57,9 +57,7 @@ def split_secret(secret: bytes, *, threshold: int, xs: Sequence[int]) -> dict[in
     return {x: _evaluate(coefficients, x).to_bytes(SHARE_BYTES, "big") for x in xs}
 
 
-def combine_shares(
-    shares: Mapping[int, bytes], *, threshold: int, secret_bytes: int
-) -> bytes:
+def combine_shares(shares: Mapping[int, bytes], *, threshold: int, secret_bytes: int) -> bytes:
     """Reconstruct a secret of ``secret_bytes`` bytes from at least ``threshold`` shares.
 
     The secret is interpolated from ``threshold`` shares; every further share must lie on the

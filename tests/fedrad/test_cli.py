@@ -5,13 +5,13 @@ import pytest
 from fedrad.cli import build_parser, main
 from fedrad.config import RunConfig
 
-SUBCOMMANDS = ["synth", "simulate", "evaluate", "demo"]
+SUBCOMMANDS = ["synth", "simulate", "evaluate", "demo", "import-npz", "site", "site check"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
 
     assert info.value.code == 0
     assert "usage: fedrad " + command in capsys.readouterr().out

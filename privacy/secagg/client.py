@@ -1,0 +1,384 @@
+"""The site's side of a SecAgg+ round: a state machine that refuses unsafe requests.
+
+Threat model: the coordinator is honest but curious, and may also send malformed or malicious
+requests; the client then refuses with a specific :class:`~.errors.RequestRefused` rather than
+release anything that could unmask its own or a neighbour's input. Public keys are not
+authenticated: a coordinator that substitutes keys can read shares (a man-in-the-middle), which
+node authentication in a later layer must prevent. A session that raised once is finished and
+answers nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+
+import numpy as np
+
+from . import keys
+from .errors import (
+    ConfigurationError,
+    ConflictingUnmaskRequest,
+    NotSurvivorError,
+    OverlappingSetsError,
+    ProtocolError,
+    TooFewSurvivorsError,
+    UnknownPeerError,
+)
+from .ids import NodeId, encode_fields, encode_id, validate_ids
+from .masking import apply_masks, pairwise_mask_key, pairwise_sign, self_mask_key, wire_dtype
+from .messages import (
+    KeyAdvertisement,
+    KeyBroadcast,
+    MaskedInput,
+    ShareDelivery,
+    ShareKeys,
+    ShareKind,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from .quantise import encode_update
+from .round_setup import MAX_VECTOR_LENGTH, RoundSetup
+from .shamir import SHARE_BYTES, split_secret
+
+__all__ = ["ClientSession", "share_encryption_key"]
+
+_SEED_BYTES = 32
+
+
+class _Stage(enum.Enum):
+    NEW = enum.auto()
+    ADVERTISED = enum.auto()
+    SHARED = enum.auto()
+    MASKED = enum.auto()
+    UNMASKED = enum.auto()
+    FAILED = enum.auto()
+
+
+def share_encryption_key(
+    shared_secret: bytes, *, round_id: str, sender: NodeId, receiver: NodeId
+) -> bytes:
+    """Derive the AES key for shares sent from ``sender`` to ``receiver`` in a round."""
+    context = encode_fields(round_id.encode("utf-8"), encode_id(sender), encode_id(receiver))
+    return keys.derive_key(shared_secret, purpose=b"share-encryption", context=context)
+
+
+class ClientSession:
+    """One site's part in one round; create a fresh session for every round.
+
+    Parameters
+    ----------
+    site_id
+        This site's id, as the coordinator lists it.
+    min_threshold
+        The smallest threshold this site accepts (a site limit from its node config).
+    max_vector_length
+        The largest update this site accepts to mask.
+    """
+
+    def __init__(
+        self,
+        site_id: NodeId,
+        *,
+        min_threshold: int = 2,
+        max_vector_length: int = MAX_VECTOR_LENGTH,
+    ) -> None:
+        (self.site_id,) = validate_ids([site_id], what="site_id")
+        if min_threshold < 2:
+            raise ConfigurationError(f"min_threshold must be at least 2, got {min_threshold}.")
+        self._min_threshold = min_threshold
+        self._max_vector_length = max_vector_length
+        self._stage = _Stage.NEW
+        self._setup: RoundSetup | None = None
+        self._encryption_key = keys.generate_private_key()
+        self._mask_key = keys.generate_private_key()
+        self._peer_mask_keys: dict[NodeId, bytes] = {}
+        self._peer_encryption_keys: dict[NodeId, bytes] = {}
+        self._self_mask_seed = b""
+        self._held: dict[NodeId, tuple[bytes, bytes]] = {}  # owner -> (self-mask, mask-key) share
+        self._masking_peers: frozenset[NodeId] = frozenset()
+        self._released: dict[NodeId, ShareKind] = {}
+        self._answered: tuple[frozenset[NodeId], frozenset[NodeId]] | None = None
+
+    @property
+    def released(self) -> Mapping[NodeId, ShareKind]:
+        """The owner and kind of every share this session has released (for audit and tests)."""
+        return MappingProxyType(self._released)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the session raised and is finished."""
+        return self._stage is _Stage.FAILED
+
+    def advertise_keys(self, setup: RoundSetup) -> KeyAdvertisement:
+        """Check the round parameters and answer with this site's two public keys.
+
+        Raises
+        ------
+        ConfigurationError
+            If the site is not a participant, the threshold is below this site's minimum, the
+            site has fewer neighbours than the threshold, or the update is too large.
+        """
+        with self._step(_Stage.NEW, _Stage.ADVERTISED):
+            if self.site_id not in setup.participants:
+                raise ConfigurationError(f"Site {self.site_id!r} is not among the participants.")
+            if setup.threshold < self._min_threshold:
+                raise ConfigurationError(
+                    f"threshold {setup.threshold} is below this site's minimum "
+                    f"{self._min_threshold}; the coordinator must raise it."
+                )
+            if len(setup.neighbours[self.site_id]) < setup.threshold:
+                raise ConfigurationError("This site has fewer neighbours than the threshold.")
+            if setup.vector_length > self._max_vector_length:
+                raise ConfigurationError(
+                    f"An update of {setup.vector_length} values exceeds this site's limit of "
+                    f"{self._max_vector_length}."
+                )
+            self._setup = setup
+            return KeyAdvertisement(
+                round_id=setup.round_id,
+                sender=self.site_id,
+                encryption_key=keys.public_bytes(self._encryption_key),
+                mask_key=keys.public_bytes(self._mask_key),
+            )
+
+    def share_keys(self, broadcast: KeyBroadcast) -> ShareKeys:
+        """Secret-share this site's self-mask seed and mask key among the live neighbours.
+
+        Raises
+        ------
+        ProtocolError
+            If the broadcast is for another round or site, lists a non-neighbour, or carries
+            an unusable key.
+        ConfigurationError
+            If too few neighbours remain for the threshold.
+        """
+        with self._step(_Stage.ADVERTISED, _Stage.SHARED):
+            setup = self._checked_setup(broadcast.round_id, broadcast.receiver)
+            peers = self._checked_peers(broadcast.peers, setup.neighbours[self.site_id])
+            for peer, encryption_key, mask_key in zip(
+                peers, broadcast.encryption_keys, broadcast.mask_keys, strict=True
+            ):
+                keys.agree(self._mask_key, mask_key)  # refuse unusable keys before sharing
+                self._peer_encryption_keys[peer] = encryption_key
+                self._peer_mask_keys[peer] = mask_key
+            self._self_mask_seed = os.urandom(_SEED_BYTES)
+            holders = [*peers, self.site_id]
+            points = {node: setup.share_point(node) for node in holders}
+            xs = list(points.values())
+            seed_shares = split_secret(self._self_mask_seed, threshold=setup.threshold, xs=xs)
+            key_shares = split_secret(
+                keys.private_bytes(self._mask_key), threshold=setup.threshold, xs=xs
+            )
+            own = points[self.site_id]
+            self._held[self.site_id] = (seed_shares[own], key_shares[own])
+            sealed = tuple(
+                self._seal(peer, seed_shares[points[peer]] + key_shares[points[peer]])
+                for peer in peers
+            )
+            return ShareKeys(
+                round_id=setup.round_id, sender=self.site_id, receivers=peers, sealed_shares=sealed
+            )
+
+    def mask_input(
+        self, delivery: ShareDelivery, arrays: Mapping[str, np.ndarray], *, weight: int
+    ) -> MaskedInput:
+        """Store the neighbours' shares, then quantise, weight and mask the update.
+
+        Parameters
+        ----------
+        delivery
+            The encrypted shares from the neighbours that completed key sharing.
+        arrays
+            The update, named as in the round setup, every value within the clipping range.
+        weight
+            The site's integer weight (for example its number of training examples).
+
+        Raises
+        ------
+        InputError, InputRangeError
+            If the update does not fit the round; nothing is clipped.
+        ShareDecryptionError
+            If a share fails authentication.
+        """
+        with self._step(_Stage.SHARED, _Stage.MASKED):
+            setup = self._checked_setup(delivery.round_id, delivery.receiver)
+            encoded = encode_update(
+                arrays,
+                weight=weight,
+                names=setup.array_names,
+                shapes=setup.array_shapes,
+                clipping_range=setup.clipping_range,
+                bits=setup.quantisation_bits,
+                max_weight=setup.max_weight,
+            )
+            senders = self._checked_peers(delivery.senders, self._peer_mask_keys)
+            for sender, sealed in zip(senders, delivery.sealed_shares, strict=True):
+                self._held[sender] = self._open(sender, sealed)
+            self._masking_peers = frozenset(senders)
+            masks = [
+                (
+                    self_mask_key(
+                        self._self_mask_seed, round_id=setup.round_id, owner=self.site_id
+                    ),
+                    1,
+                )
+            ]
+            for peer in senders:
+                secret = keys.agree(self._mask_key, self._peer_mask_keys[peer])
+                key = pairwise_mask_key(secret, round_id=setup.round_id, pair=(self.site_id, peer))
+                masks.append((key, pairwise_sign(self.site_id, peer)))
+            masked = apply_masks(encoded, masks, modulus_bits=setup.modulus_bits)
+            return MaskedInput(
+                round_id=setup.round_id,
+                sender=self.site_id,
+                masked=masked.astype(wire_dtype(setup.modulus_bits)),
+            )
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Release self-mask shares of survivors and mask-key shares of dropped neighbours.
+
+        A retry of the same request gets the same answer; any other request is refused.
+
+        Raises
+        ------
+        OverlappingSetsError
+            If a node is listed as both survivor and dropped.
+        UnknownPeerError
+            If a listed node is not a neighbour that shared keys with this site.
+        NotSurvivorError
+            If this site is not listed among the survivors.
+        TooFewSurvivorsError
+            If fewer survivors than the threshold are listed.
+        ConflictingUnmaskRequest
+            If the request asks for the other share of a peer already released, or differs
+            from a request already answered.
+        """
+        with self._step(_Stage.MASKED, _Stage.UNMASKED, also=_Stage.UNMASKED):
+            setup = self._checked_setup(request.round_id, request.receiver)
+            survivors, dropped = self._checked_request(request, setup.threshold)
+            for owner in survivors:
+                self._released[owner] = ShareKind.SELF_MASK
+            for owner in dropped:
+                self._released[owner] = ShareKind.MASK_KEY
+            self._answered = (frozenset(survivors), frozenset(dropped))
+            return UnmaskResponse(
+                round_id=setup.round_id,
+                sender=self.site_id,
+                self_mask_owners=survivors,
+                self_mask_shares=tuple(self._held[owner][0] for owner in survivors),
+                mask_key_owners=dropped,
+                mask_key_shares=tuple(self._held[owner][1] for owner in dropped),
+            )
+
+    def _checked_request(
+        self, request: UnmaskRequest, threshold: int
+    ) -> tuple[tuple[NodeId, ...], tuple[NodeId, ...]]:
+        try:
+            survivors = validate_ids(request.survivors, what="survivors")
+            dropped = validate_ids(request.dropped, what="dropped")
+        except ConfigurationError as error:
+            raise ProtocolError(str(error)) from error
+        overlap = set(survivors) & set(dropped)
+        if overlap:
+            raise OverlappingSetsError(
+                f"Refusing to unmask: {sorted(overlap)} listed both as survivor and as dropped."
+            )
+        unknown = (set(survivors) | set(dropped)) - self._masking_peers - {self.site_id}
+        if unknown:
+            raise UnknownPeerError(
+                f"Refusing to unmask: {sorted(unknown)} are not neighbours that shared keys "
+                "with this site."
+            )
+        if self.site_id not in survivors:
+            raise NotSurvivorError("Refusing to unmask: this site is not listed as a survivor.")
+        if len(survivors) < threshold:
+            raise TooFewSurvivorsError(
+                f"Refusing to unmask: {len(survivors)} survivors are fewer than the threshold "
+                f"{threshold}."
+            )
+        conflicts = [o for o in survivors if self._released.get(o) is ShareKind.MASK_KEY]
+        conflicts += [o for o in dropped if self._released.get(o) is ShareKind.SELF_MASK]
+        if conflicts:
+            raise ConflictingUnmaskRequest(
+                f"Refusing to unmask: the other share of {sorted(conflicts)} was already "
+                "released; both together would reveal their inputs."
+            )
+        if self._answered not in (None, (frozenset(survivors), frozenset(dropped))):
+            raise ConflictingUnmaskRequest(
+                "Refusing to unmask: this round's unmask request was already answered with "
+                "other survivor and dropped sets."
+            )
+        return survivors, dropped
+
+    @contextlib.contextmanager
+    def _step(
+        self, expected: _Stage, after: _Stage, *, also: _Stage | None = None
+    ) -> Iterator[None]:
+        if self._stage not in (expected, also):
+            raise ProtocolError(
+                f"Site {self.site_id!r} is at stage {self._stage.name.lower()}, not "
+                f"{expected.name.lower()}; start a fresh session for a new round."
+            )
+        try:
+            yield
+        except Exception:
+            self._stage = _Stage.FAILED  # fail closed: a session that refused answers no more
+            raise
+        self._stage = after
+
+    def _checked_setup(self, round_id: str, receiver: NodeId) -> RoundSetup:
+        setup = self._current_setup()
+        if round_id != setup.round_id or receiver != self.site_id:
+            raise ProtocolError(
+                f"Message for round {round_id!r} and site {receiver!r} reached site "
+                f"{self.site_id!r} in round {setup.round_id!r}."
+            )
+        return setup
+
+    def _current_setup(self) -> RoundSetup:
+        if self._setup is None:
+            raise ProtocolError(f"Site {self.site_id!r} has no round set up.")
+        return self._setup
+
+    def _checked_peers(
+        self, peers: tuple[NodeId, ...], allowed: Mapping[NodeId, object] | frozenset[NodeId]
+    ) -> tuple[NodeId, ...]:
+        threshold = self._current_setup().threshold
+        try:
+            checked = validate_ids(peers, what="peers")
+        except ConfigurationError as error:
+            raise ProtocolError(str(error)) from error
+        strangers = set(checked) - set(allowed)
+        if strangers:
+            raise ProtocolError(f"{sorted(strangers)} are not live neighbours of this site.")
+        if len(checked) + 1 < threshold:
+            raise ConfigurationError(
+                f"Only {len(checked)} neighbours remain: with this site, fewer share holders "
+                f"than the threshold {threshold}."
+            )
+        return checked
+
+    def _seal(self, peer: NodeId, plaintext: bytes) -> bytes:
+        round_id = self._current_setup().round_id
+        secret = keys.agree(self._encryption_key, self._peer_encryption_keys[peer])
+        key = share_encryption_key(secret, round_id=round_id, sender=self.site_id, receiver=peer)
+        associated = keys.share_associated_data(
+            round_id=round_id, sender=self.site_id, receiver=peer
+        )
+        return keys.seal(key, plaintext, associated_data=associated)
+
+    def _open(self, sender: NodeId, sealed: bytes) -> tuple[bytes, bytes]:
+        round_id = self._current_setup().round_id
+        secret = keys.agree(self._encryption_key, self._peer_encryption_keys[sender])
+        key = share_encryption_key(secret, round_id=round_id, sender=sender, receiver=self.site_id)
+        associated = keys.share_associated_data(
+            round_id=round_id, sender=sender, receiver=self.site_id
+        )
+        plaintext = keys.open_sealed(key, sealed, associated_data=associated)
+        if len(plaintext) != 2 * SHARE_BYTES:
+            raise ProtocolError(f"A share pair from {sender!r} has the wrong length.")
+        return plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:]

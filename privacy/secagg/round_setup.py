@@ -1,0 +1,192 @@
+"""The round parameters the coordinator sends first, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Mapping
+from functools import cached_property
+
+from .errors import ConfigurationError
+from .graph import default_degree, neighbour_graph
+from .ids import NodeId, validate_ids
+from .quantise import check_modulus
+
+__all__ = ["MAX_PARTICIPANTS", "MAX_VECTOR_LENGTH", "RoundSetup"]
+
+MAX_PARTICIPANTS = 10_000
+MAX_VECTOR_LENGTH = 1 << 31
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSetup:
+    """Server to every participant: the parameters of one secure-aggregation round.
+
+    Attributes
+    ----------
+    round_id
+        Names the round; every key and ciphertext is bound to it.
+    participants
+        The sites sampled for the round (all ints or all strings).
+    threshold
+        ``t``: shares needed to reconstruct a secret. At least 2, at most the degree, and more
+        than half of a site's share holders (its neighbours and itself), so that no split of
+        the holders can release both secrets of one site.
+    degree
+        Neighbours per site; ``n - 1`` or more means the complete graph, below that it must be
+        even (see :func:`~privacy.secagg.graph.neighbour_graph`).
+    graph_seed
+        Seed of the neighbour graph, in ``[0, 2^63)``.
+    clipping_range
+        Values must lie in ``[-clipping_range, clipping_range]``; nothing is clipped.
+    quantisation_bits
+        Bits per quantised value (1 to 32).
+    max_weight
+        Largest integer weight a site may send.
+    modulus_bits
+        Sums are taken modulo ``2^modulus_bits`` (8 to 64); checked against overflow.
+    array_names, array_shapes
+        The named arrays of an update, in order.
+    """
+
+    round_id: str
+    participants: tuple[NodeId, ...]
+    threshold: int
+    degree: int
+    graph_seed: int
+    clipping_range: float
+    quantisation_bits: int
+    max_weight: int
+    modulus_bits: int
+    array_names: tuple[str, ...]
+    array_shapes: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "participants", validate_ids(self.participants, what="participants")
+        )
+        object.__setattr__(self, "array_names", tuple(self.array_names))
+        object.__setattr__(self, "array_shapes", tuple(tuple(s) for s in self.array_shapes))
+        self._check_round()
+        self._check_graph()
+        self._check_encoding()
+        self._check_arrays()
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        round_id: str,
+        participants: tuple[NodeId, ...] | list[NodeId],
+        threshold: int,
+        array_shapes: Mapping[str, tuple[int, ...]],
+        clipping_range: float,
+        quantisation_bits: int = 16,
+        max_weight: int = 1 << 20,
+        modulus_bits: int = 64,
+        degree: int | None = None,
+        graph_seed: int | None = None,
+    ) -> RoundSetup:
+        """Build a setup with the default degree and a fresh random graph seed unless given."""
+        return cls(
+            round_id=round_id,
+            participants=tuple(participants),
+            threshold=threshold,
+            degree=default_degree(len(participants)) if degree is None else degree,
+            graph_seed=secrets.randbelow(1 << 63) if graph_seed is None else graph_seed,
+            clipping_range=clipping_range,
+            quantisation_bits=quantisation_bits,
+            max_weight=max_weight,
+            modulus_bits=modulus_bits,
+            array_names=tuple(array_shapes),
+            array_shapes=tuple(tuple(shape) for shape in array_shapes.values()),
+        )
+
+    @property
+    def vector_length(self) -> int:
+        """Values in one update, without the weight word."""
+        return sum(math.prod(shape) for shape in self.array_shapes)
+
+    @cached_property
+    def neighbours(self) -> dict[NodeId, frozenset[NodeId]]:
+        """Every site's neighbours in the round's graph."""
+        return neighbour_graph(self.participants, degree=self.degree, seed=self.graph_seed)
+
+    def share_point(self, node: NodeId) -> int:
+        """Return the Shamir evaluation point of ``node``: its position among participants + 1."""
+        return self.participants.index(node) + 1
+
+    def _check_round(self) -> None:
+        if not isinstance(self.round_id, str) or not 0 < len(self.round_id) <= 256:
+            raise ConfigurationError("round_id must be a non-empty string of at most 256 chars.")
+        if not 3 <= len(self.participants) <= MAX_PARTICIPANTS:
+            raise ConfigurationError(
+                f"A round needs 3 to {MAX_PARTICIPANTS} participants, got "
+                f"{len(self.participants)}: with two, each would learn the other's update."
+            )
+
+    def _check_graph(self) -> None:
+        n = len(self.participants)
+        _check_int("degree", self.degree, 2, None)
+        _check_int("graph_seed", self.graph_seed, 0, (1 << 63) - 1)
+        _check_int("threshold", self.threshold, 2, None)
+        degree = min(self.degree, n - 1)
+        if degree < n - 1 and degree % 2:
+            raise ConfigurationError(
+                f"degree {degree} is odd; use an even degree, or {n - 1} for the complete graph."
+            )
+        if self.threshold > degree:
+            raise ConfigurationError(
+                f"threshold {self.threshold} exceeds the {degree} neighbours of each site; lower "
+                "the threshold or raise the degree."
+            )
+        if 2 * self.threshold <= degree + 1:
+            raise ConfigurationError(
+                f"threshold {self.threshold} is at most half of the {degree + 1} share holders "
+                "of each site (its neighbours and itself): a coordinator could ask one half for "
+                "a site's self-mask shares and the other half for its mask-key shares. Use a "
+                f"threshold of at least {(degree + 1) // 2 + 1}."
+            )
+
+    def _check_encoding(self) -> None:
+        range_ = self.clipping_range
+        if isinstance(range_, bool) or not isinstance(range_, int | float):
+            raise ConfigurationError(f"clipping_range must be a number, got {range_!r}.")
+        if not (math.isfinite(range_) and range_ > 0):
+            raise ConfigurationError(
+                f"clipping_range must be a positive finite number, got {range_}."
+            )
+        _check_int("quantisation_bits", self.quantisation_bits, 1, 32)
+        _check_int("max_weight", self.max_weight, 1, None)
+        _check_int("modulus_bits", self.modulus_bits, 8, 64)
+        check_modulus(
+            num_clients=len(self.participants),
+            bits=self.quantisation_bits,
+            max_weight=self.max_weight,
+            modulus_bits=self.modulus_bits,
+        )
+
+    def _check_arrays(self) -> None:
+        names = self.array_names
+        if not names or len(names) != len(self.array_shapes):
+            raise ConfigurationError("Give one shape per array name, and at least one array.")
+        if any(not isinstance(name, str) or not name for name in names):
+            raise ConfigurationError("Array names must be non-empty strings.")
+        if len(set(names)) != len(names):
+            raise ConfigurationError("Array names must be distinct.")
+        for name, shape in zip(names, self.array_shapes, strict=True):
+            if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+                raise ConfigurationError(f"Array {name!r} has an invalid shape {shape}.")
+        if not 1 <= self.vector_length <= MAX_VECTOR_LENGTH:
+            raise ConfigurationError(
+                f"An update must hold 1 to {MAX_VECTOR_LENGTH} values, got {self.vector_length}."
+            )
+
+
+def _check_int(name: str, value: object, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else f" and at most {high}"
+        raise ConfigurationError(f"{name} must be at least {low}{upper}, got {value}.")

@@ -1,0 +1,93 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+import client.dataset as dataset_module
+from client.dataset import IngestSettings, load_site
+from client.transforms import TransformConfig
+
+CONFIG = TransformConfig(kind="2d", image_size=32)
+
+
+@pytest.fixture
+def site(sites_2d, tmp_path):
+    copy = tmp_path / "site"
+    shutil.copytree(sites_2d / "site-1", copy)
+    return copy
+
+
+@pytest.fixture
+def counted_ingest(monkeypatch):
+    ingested: list[str] = []
+    real = dataset_module.ingest_files
+
+    def counting(site_dir, relatives, **kwargs):
+        ingested.extend(relatives)
+        return real(site_dir, relatives, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "ingest_files", counting)
+    return ingested
+
+
+def test_cached_pass_decodes_nothing_and_gives_identical_samples(site, tmp_path, counted_ingest):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    first = load_site(site, CONFIG, num_classes=2, settings=settings)
+    decoded_first = len(counted_ingest)
+
+    second = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    assert decoded_first == len(first)
+    assert len(counted_ingest) == decoded_first  # nothing decoded on the second pass
+    assert [s.id for s in first.samples] == [s.id for s in second.samples]
+    assert all(torch.equal(a.image, b.image) for a, b in zip(first.samples, second.samples))
+
+
+def test_a_changed_file_is_decoded_again(site, tmp_path, counted_ingest):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    load_site(site, CONFIG, num_classes=2, settings=settings)
+    counted_ingest.clear()
+    target = sorted((site / "images").iterdir())[0]
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    assert counted_ingest == [f"images/{target.name}"]
+
+
+def test_a_new_transform_never_serves_stale_tensors(site, tmp_path):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    bigger = load_site(site, TransformConfig(kind="2d", image_size=48), num_classes=2,
+                       settings=settings)
+
+    assert all(tuple(s.image.shape) == (1, 48, 48) for s in bigger.samples)
+
+
+def test_quarantined_verdicts_are_cached_too(site, tmp_path, counted_ingest):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    bad = sorted((site / "images").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:300])
+    first = load_site(site, CONFIG, num_classes=2, settings=settings)
+    counted_ingest.clear()
+
+    second = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    assert counted_ingest == []
+    assert first.skipped == second.skipped and len(second.skipped) == 1
+    assert second.skipped[0][0] == f"images/{bad.name}"
+
+
+def test_a_damaged_cache_is_rebuilt_not_trusted(site, tmp_path):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    reference = load_site(site, CONFIG, num_classes=2, settings=settings)
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\\x00garbage")
+
+    again = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    assert all(torch.equal(a.image, b.image) for a, b in zip(reference.samples, again.samples))
