@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.dicom import (
     DECODE_CAP_FACTOR,
@@ -98,6 +99,12 @@ def ingest_file(transform: TransformConfig | None, max_bytes: int, relative: str
         return Ingested(QuarantinedFile(relative, "malformed", f"{exc.__class__.__name__}: {exc}"))
 
 
+def _worker_init() -> None:
+    """Quiet, single-threaded workers: parallelism comes from the worker count."""
+    _quiet_worker()
+    torch.set_num_threads(1)
+
+
 def _lost_ingest(relative: str, kind: str, detail: str) -> Ingested:
     return Ingested(_lost(relative, kind, detail))
 
@@ -116,7 +123,7 @@ def ingest_files(
         return {}
     results = run_in_workers(
         partial(ingest_file, transform, max_bytes), relatives, cwd=site_dir.resolve(),
-        workers=workers, timeout_s=timeout_s, on_lost=_lost_ingest, initializer=_quiet_worker,
+        workers=workers, timeout_s=timeout_s, on_lost=_lost_ingest, initializer=_worker_init,
     )
     return {
         rel: r if r.verdict.path == rel else replace(r, verdict=replace(r.verdict, path=rel))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedrad.errors import FedradError
@@ -178,9 +181,37 @@ def compute_epsilon(
     merged = merge_history(history)
     if not merged:
         return 0.0
+    if accountant == "rdp":
+        return _rdp_epsilon(merged, delta)
     engine = create_accountant(mechanism=accountant)
     engine.history = list(merged)
     return float(engine.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=1024)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step at Opacus' default orders; computing it is most of RDP's cost."""
+    rdp = rdp_analysis.compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
+def _rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """``RDPAccountant.get_epsilon`` bit for bit (same sums in the same order), cached per step.
+
+    Ledgers recompute the epsilon after every recorded round when they open; with the
+    per-step RDP cached that costs microseconds per round instead of a tenth of a second.
+    """
+    rdp = sum([_rdp_per_step(noise, rate) * steps for noise, rate, steps in history])
+    eps, _ = rdp_analysis.get_privacy_spent(
+        orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+    )
+    return float(eps)
 
 
 def noise_multiplier_for(

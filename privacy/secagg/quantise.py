@@ -155,8 +155,9 @@ def _quantise(
     bad = ~np.isfinite(values) | (np.abs(values) > clipping_range)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
+        value = float(values[index])
         raise InputRangeError(
-            f"Array {name!r} holds {values[index]!r} at flat index {index} ({int(bad.sum())} "
+            f"Array {name!r} holds {value!r} at flat index {index} ({int(bad.sum())} "
             f"values in all) outside the clipping range [-{clipping_range}, {clipping_range}]. "
             "Secure aggregation never clips silently: raise clipping-range, or clip or scale the "
             "update before masking."

@@ -339,7 +339,7 @@ class ServerSession:
         self._stage = _Stage.ABORTED
         self._forget()
         logger.warning("Secure aggregation round %r aborted: %s", self.setup.round_id, reason)
-        raise RoundAborted(f"Round {self.setup.round_id!r} aborted: {reason}.")
+        raise RoundAborted(f"Round {self.setup.round_id!r} aborted: {reason.rstrip('.')}.")
 
     def _forget(self) -> None:
         self._sealed.clear()
