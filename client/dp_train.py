@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,10 +57,11 @@ def _generators(seed: int | None, server_round: int) -> tuple[torch.Generator, t
             torch.Generator().manual_seed(secrets.randbits(63)),
         )
     logger.warning("DP-SGD with a fixed seed: noise and sampling are reproducible, not private.")
-    sampling, noise = np.random.SeedSequence([seed, server_round]).generate_state(2, dtype=np.uint64)
+    state = np.random.SeedSequence([seed, server_round]).generate_state(2, dtype=np.uint64)
+    sampling, noise = (int(value) >> 1 for value in state)  # manual_seed takes up to 2**63 - 1
     return (
-        torch.Generator().manual_seed(int(sampling) >> 1),
-        torch.Generator().manual_seed(int(noise) >> 1),
+        torch.Generator().manual_seed(sampling),
+        torch.Generator().manual_seed(noise),
     )
 
 
@@ -198,13 +199,16 @@ def _run_epochs(
     criterion = nn.CrossEntropyLoss()
     model.train()
     loss_sum, steps = 0.0, 0
-    for _ in range(epochs):
-        for images, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            if len(labels) and math.isfinite(float(loss.detach())):
-                loss_sum += float(loss.detach()) * len(labels)
-            steps += 1
+    with warnings.catch_warnings():
+        # Opacus' per-sample hooks on a model whose input needs no gradient: harmless.
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+        for _ in range(epochs):
+            for images, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                if len(labels):  # an empty Poisson batch still takes its (noise-only) step
+                    loss_sum += float(loss.detach()) * len(labels)
+                steps += 1
     return loss_sum, steps
