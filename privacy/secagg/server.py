@@ -238,7 +238,7 @@ class ServerSession:
         for peer in survivors:
             secret = keys.agree(private, self._public[peer][1])
             key = pairwise_mask_key(secret, round_id=self.setup.round_id, pair=(node, peer))
-            masks.append((key, pairwise_sign(peer, node)))  # undo what the survivor added
+            masks.append((key, -pairwise_sign(peer, node)))  # undo what the survivor added
         return masks
 
     def _reconstruct(self, node: NodeId, shares: Mapping[int, bytes]) -> bytes:
