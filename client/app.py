@@ -14,8 +14,10 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
 
 from client.disclosure import subgroup_counts
+from client.dp_train import DPTrainSums, train_local_dp
 from client.reply import check_reply
 from client.site import Site, resolve_site, site_dataset
 from client.train import TrainSettings, evaluate_local, train_local
@@ -23,6 +25,7 @@ from fedrad import keys
 from fedrad.config import RunConfig
 from fedrad.errors import FedradError
 from models import ModelSpec
+from privacy import DPRequest, PrivacyLedger, SiteLimits, resolve_dp
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,12 @@ def _train(msg: Message, context: Context) -> RecordDict:
     )
     if len(dataset) == 0:
         raise FedradError(f"site {site.site_id} has no training samples (split 'train').")
-    sums = train_local(model, dataset, settings)
+    metrics: dict[str, int | float] = {}
+    if config.dp == "sample":
+        sums = _train_dp(msg, context, site, config, model, dataset, settings)
+        metrics = {keys.EPSILON: sums.epsilon, keys.DELTA: sums.delta}
+    else:
+        sums = train_local(model, dataset, settings)
     return RecordDict(
         {
             keys.ARRAYS: ArrayRecord(model.state_dict()),
@@ -93,10 +101,39 @@ def _train(msg: Message, context: Context) -> RecordDict:
                     keys.NUM_EXAMPLES: sums.num_examples,
                     keys.LOSS_SUM: sums.loss_sum,
                     keys.NUM_STEPS: sums.num_steps,
+                    **metrics,
                 }
             ),
             keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
         }
+    )
+
+
+def _train_dp(
+    msg: Message,
+    context: Context,
+    site: Site,
+    config: RunConfig,
+    model: torch.nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    settings: TrainSettings,
+) -> DPTrainSums:
+    """One round of DP-SGD; the site's own ceilings and ledger decide whether it may train.
+
+    The sampling and noise draw on OS randomness: a seed the coordinator knows would let it
+    subtract the noise.
+    """
+    request = DPRequest.from_run_config(config.to_user_config())
+    limits = SiteLimits(max_epsilon=site.max_epsilon, max_delta=site.max_delta)
+    ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
+    run_id = str(context.run_id)
+    plan = resolve_dp(
+        request, limits, num_train_samples=len(dataset), batch_size=config.batch_size,
+        study_delta=ledger.delta, prior_history=ledger.history_before(run_id),
+    )
+    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
+    return train_local_dp(
+        model, dataset, settings, plan, ledger, server_round=server_round, run_id=run_id
     )
 
 

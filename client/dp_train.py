@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
+from opacus import PrivacyEngine  # type: ignore[import-untyped]
+from opacus.optimizers import DPOptimizer  # type: ignore[import-untyped]
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from client.train import TrainSettings, TrainSums, make_optimizer
-from privacy import DPPlan, PrivacyLedger, PrivacyRefused, history_delta
+from privacy import DPPlan, LedgerError, PrivacyLedger, PrivacyRefused, history_delta
 
 __all__ = ["DPTrainSums", "train_local_dp"]
 
@@ -169,7 +169,10 @@ def train_local_dp(
         loss_sum, steps = _run_epochs(dp_model, optimizer, dp_loader, settings.local_epochs)
         added = history_delta(prior, engine.accountant.history)
         if sum(entry[2] for entry in added) != steps:
-            raise RuntimeError(f"the accountant counted other steps than the {steps} taken")
+            raise LedgerError(
+                f"Opacus' accountant counted {sum(e[2] for e in added)} steps where training "
+                f"took {steps}; nothing was recorded and the round is discarded. Report this bug."
+            )
         epsilon = ledger.record_round(
             server_round=server_round,
             run_id=run_id,

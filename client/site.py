@@ -33,6 +33,22 @@ class Site:
     min_cell_count: int
     cache_root: Path
     ingest_workers: int
+    ledger_root: Path
+    max_epsilon: float
+    max_delta: float
+
+
+def default_ledger_root() -> Path:
+    """Where a deployed site keeps its privacy ledgers when its node config names none."""
+    return Path.home() / ".local" / "share" / "fedrad" / "ledger"
+
+
+def _site(node: NodeConfig, data_dir: Path, cache: Path, ledger: Path) -> Site:
+    return Site(
+        site_id=node.site_id or data_dir.name, data_dir=data_dir, num_threads=node.num_threads,
+        min_cell_count=node.min_cell_count, cache_root=cache, ingest_workers=node.ingest_workers,
+        ledger_root=ledger, max_epsilon=node.max_epsilon, max_delta=node.max_delta,
+    )
 
 
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
@@ -41,8 +57,8 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     if node.data_dir:
         data_dir = Path(node.data_dir).expanduser()
         cache = Path(node.cache_dir).expanduser() if node.cache_dir else default_cache_root()
-        return Site(node.site_id or data_dir.name, data_dir, node.num_threads,
-                    node.min_cell_count, cache, node.ingest_workers)
+        ledger = Path(node.ledger_dir).expanduser() if node.ledger_dir else default_ledger_root()
+        return _site(node, data_dir, cache, ledger)
     if node.partition_id >= 0:
         raw = str(run_config.get("sites-dir", ""))
         sites_dir = Path(raw).expanduser() if raw else default_demo_sites_dir()
@@ -54,8 +70,8 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
             )
         data_dir = sites[node.partition_id]
         cache = Path(node.cache_dir).expanduser() if node.cache_dir else simulation_cache_root(sites_dir)
-        return Site(node.site_id or data_dir.name, data_dir, node.num_threads,
-                    node.min_cell_count, cache, node.ingest_workers)
+        ledger = Path(node.ledger_dir).expanduser() if node.ledger_dir else sites_dir / ".fedrad-ledger"
+        return _site(node, data_dir, cache, ledger)
     raise DataError(
         "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."
     )

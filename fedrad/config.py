@@ -23,6 +23,7 @@ SCHEMA_VERSION = 1
 KINDS = ("2d", "3d")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 OPTIMIZER_NAMES = ("sgd", "adam")
+DP_MODES = ("off", "sample")
 
 ConfigValue = bool | int | float | str
 T = TypeVar("T")
@@ -125,6 +126,13 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "fraction-train": "fraction of sites sampled for training each round",
     "min-sites": "fewest sites that must train for a round to count",
     "round-timeout": "seconds to wait for sites' replies in each exchange",
+    "dp": "differential privacy: off, or sample (DP-SGD at each site, Opacus)",
+    "study-id": "the study whose per-site privacy budget this run spends (required with dp)",
+    "target-epsilon": "dp: each site's epsilon budget for the whole study",
+    "delta": "dp: delta; 0 means 1/(10 x the site's training samples)",
+    "noise-multiplier": "dp: noise multiplier; 0 derives it from target-epsilon and the plan",
+    "max-grad-norm": "dp: per-sample gradient clipping norm",
+    "dp-accountant": "dp: rdp or prv (Opacus accountants)",
 }
 """One line of help per run-config key: used by the command line and the README."""
 
@@ -162,6 +170,13 @@ class RunConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
+    dp: str = "off"
+    study_id: str = ""
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
@@ -194,6 +209,17 @@ class RunConfig:
         _check_range("min-sites", self.min_sites, 1, 100_000)
         if not self.round_timeout > 0:
             raise ConfigError(f"'round-timeout' must be positive, got {self.round_timeout}.")
+        _check_choice("dp", self.dp, DP_MODES)
+        _check_choice("dp-accountant", self.dp_accountant, ("rdp", "prv"))
+        if self.dp != "off" and not self.study_id.strip():
+            raise ConfigError(
+                "'study-id' is required when dp is on: each site keeps its privacy budget per "
+                "study, e.g. -c \"study-id='pneumonia-2026'\"."
+            )
+        if not self.target_epsilon > 0 or not self.max_grad_norm > 0:
+            raise ConfigError("'target-epsilon' and 'max-grad-norm' must be positive.")
+        _check_range("delta", self.delta, 0.0, 0.1)
+        _check_range("noise-multiplier", self.noise_multiplier, 0.0, 100.0)
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any], *, strict: bool = True) -> RunConfig:
@@ -224,6 +250,9 @@ class NodeConfig:
     min_cell_count: int = 10
     cache_dir: str = ""
     ingest_workers: int = 1
+    ledger_dir: str = ""
+    max_epsilon: float = 10.0
+    max_delta: float = 1e-3
     partition_id: int = -1
     num_partitions: int = 0
 
@@ -233,6 +262,8 @@ class NodeConfig:
         _check_range("num-threads", self.num_threads, 0, 256)
         _check_range("min-cell-count", self.min_cell_count, 1, 1_000_000)
         _check_range("ingest-workers", self.ingest_workers, 1, 256)
+        if not self.max_epsilon > 0 or not 0 < self.max_delta < 1:
+            raise ConfigError("'max-epsilon' must be positive and 'max-delta' in (0, 1).")
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any]) -> NodeConfig:

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants import RDPAccountant, create_accountant  # type: ignore[import-untyped]
+from opacus.accountants.analysis import rdp as rdp_analysis  # type: ignore[import-untyped]
+from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
 
 from fedrad.errors import FedradError
 

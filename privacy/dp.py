@@ -208,7 +208,8 @@ class DPPlan:
 
     ``sample_rate`` is Opacus' Poisson rate ``1 / ceil(N / batch_size)``: the rate its
     ``DPDataLoader`` samples with and its accountant records (``batch_size / N`` whenever
-    ``batch_size`` divides N). Each epoch is ``steps_per_epoch`` steps whatever the batches.
+    ``batch_size`` divides N). Each epoch is ``steps_per_epoch = int(1 / sample_rate)`` steps
+    whatever the batches, as Opacus' sampler takes them.
     """
 
     study_id: str
@@ -302,8 +303,10 @@ def resolve_dp(
     _count("batch-size", batch_size)
     delta = _choose_delta(request, limits, num_train_samples, study_delta)
     limits.check(epsilon=request.target_epsilon, delta=delta)
-    steps_per_epoch = math.ceil(num_train_samples / batch_size)
-    sample_rate = 1.0 / steps_per_epoch
+    sample_rate = 1.0 / math.ceil(num_train_samples / batch_size)  # 1 / len(DataLoader)
+    # Opacus' Poisson sampler takes int(1 / q) batches per epoch: one fewer than
+    # ceil(N / batch) when the division rounds down (ceil = 93, 99, 105, ...).
+    steps_per_epoch = int(1 / sample_rate)
     steps_per_round = request.local_epochs * steps_per_epoch
     noise = request.noise_multiplier
     if noise is None:

@@ -372,7 +372,7 @@ def _parse(
         record = json.loads(data.decode("utf-8"))
         delta, accountant, rounds = _decode(record, study_id=study_id, site_id=site_id)
         _verify_epsilons(rounds, delta, accountant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise LedgerError(f"Privacy ledger {path} is not valid JSON ({err}). {advice}") from err
     except (ValueError, TypeError, KeyError) as err:
         raise LedgerError(f"Privacy ledger {path} is inconsistent: {err}. {advice}") from err

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_train import DPTrainSums, train_local_dp
 from client.train import TrainSettings
@@ -204,6 +205,28 @@ def test_fedprox_term_survives_opacus_and_pulls_towards_the_global_model(tmp_pat
         return sum(float((p - start[k]).norm() ** 2) for k, p in parameters(model).items())
 
     assert drift(proximal) < drift(plain)
+
+
+@pytest.mark.parametrize(("samples", "batch"), [(32, 8), (100, 32), (930, 10), (5, 64)])
+def test_plan_matches_what_opacus_samples_and_accounts(samples: int, batch: int) -> None:
+    # Prepare
+    request = DPRequest(
+        study_id="study-a", target_epsilon=8.0, max_grad_norm=1.0, local_epochs=2,
+        noise_multiplier=1.0, delta=1e-3,
+    )
+    loader = DataLoader(TensorDataset(torch.zeros(samples, 1)), batch_size=batch)
+
+    # Execute
+    plan = resolve_dp(
+        request, SiteLimits(max_epsilon=8.0, max_delta=1e-2), num_train_samples=samples,
+        batch_size=batch,
+    )
+    dp_loader = DPDataLoader.from_data_loader(loader)
+
+    # Assert: 930 / 10 gives 93 batches but Opacus' sampler takes int(1 / (1 / 93)) = 92
+    assert plan.sample_rate == dp_loader.sample_rate
+    assert plan.steps_per_epoch == len(dp_loader)
+    assert plan.steps_per_round == 2 * len(dp_loader)
 
 
 # ---------------------------------------------------------------- client-level DP

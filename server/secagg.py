@@ -1,0 +1,310 @@
+"""One training round under secure aggregation (SecAgg+, Bell et al.) over a Flower Grid.
+
+The coordinator learns only the weighted sum of the sites' model updates (weight: their number
+of training examples) and of their training loss sums; never one site's update. The round
+takes four exchanges (see :mod:`client.secagg` for the site's side): the round setup with the
+global model (the sites train and answer with public keys), then key shares, masked updates
+and unmasking. :class:`~privacy.secagg.ServerSession` decides who is still in the round: a
+node whose reply is missing, an error or malformed at any exchange is dropped, and when too
+few remain the round is reported ``"aborted"`` with no model, never as a success.
+
+Flower node ids (uint64) become participant ids ``1..n`` in the order given; the node ids
+stay on the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedrad import keys
+from privacy.secagg import (
+    KeyAdvertisement,
+    MaskedInput,
+    NodeId,
+    ProtocolError,
+    RoundAborted,
+    RoundSetup,
+    SecAggError,
+    ServerSession,
+    ShareKeys,
+    UnmaskResponse,
+)
+from privacy.secagg.state import (
+    KEYS_ACTION,
+    LOSS_ARRAY,
+    LOSS_RANGE,
+    MASK_ACTION,
+    RECORD,
+    SHARES_ACTION,
+    UNMASK_ACTION,
+    FieldValue,
+    invitation_to_fields,
+    message_from_fields,
+    message_to_fields,
+)
+from server.strategies import numpy_to_arrays
+
+__all__ = ["SecureRoundResult", "secure_train_round"]
+
+log = logging.getLogger(__name__)
+
+_Reply = TypeVar("_Reply", KeyAdvertisement, ShareKeys, MaskedInput, UnmaskResponse)
+
+
+@dataclass(frozen=True)
+class SecureRoundResult:
+    """The outcome of one secure training round.
+
+    Attributes
+    ----------
+    arrays
+        The new global weights: the old ones plus the weighted mean of the sites' updates
+        (plain FedAvg of their models, within ``error_bound``); None when the round aborted.
+    totals
+        Securely summed scalars: ``num-examples`` (the total weight) and ``loss-sum``.
+    contributors
+        How many sites' updates are in the sum.
+    dropped
+        The nodes (``"node-<id>"``) whose update is not in the sum.
+    failures
+        Why a node was dropped, where it said or failed to answer (``"node-<id>"``).
+    status
+        ``"completed"`` or ``"aborted"``.
+    reason
+        Why the round aborted; empty when it completed.
+    error_bound
+        The largest absolute error of ``arrays`` against exact FedAvg (quantisation).
+    seconds
+        Wall-clock time of the round, by exchange (``keys`` includes local training).
+    """
+
+    arrays: dict[str, np.ndarray] | None
+    totals: dict[str, float]
+    contributors: int
+    dropped: list[str]
+    failures: dict[str, str]
+    status: str
+    reason: str = ""
+    error_bound: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def secure_train_round(
+    grid: Grid,
+    node_ids: Sequence[int],
+    *,
+    server_round: int,
+    arrays: Mapping[str, np.ndarray],
+    site_config: ConfigRecord,
+    threshold: int,
+    clipping_range: float,
+    timeout: float,
+    quantisation_bits: int = 16,
+    max_weight: int = 1 << 24,
+) -> SecureRoundResult:
+    """Train one round on ``node_ids`` and aggregate their updates securely.
+
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    node_ids
+        The sampled nodes (at least 3).
+    server_round
+        The round number (the sites seed their training with it; also the messages' group).
+    arrays
+        The current global weights.
+    site_config
+        The training config sent to every site, as for a plain ``train`` message.
+    threshold
+        Shares needed to rebuild a secret: more than half of ``len(node_ids)`` (complete
+        neighbour graph up to 10 sites) and at most ``len(node_ids) - 1``; the round aborts
+        when fewer sites remain.
+    clipping_range
+        Every update value (trained minus global weight) must lie within it; a site whose
+        update does not is dropped (nothing is clipped). Quantisation error grows with it.
+    timeout
+        Seconds to wait for the replies of each of the four exchanges.
+    quantisation_bits, max_weight
+        Bits per quantised value; largest number of training examples a site may weigh in.
+    """
+    started = time.monotonic()
+    nodes = list(dict.fromkeys(int(n) for n in node_ids))
+    node_of: dict[NodeId, int] = {i + 1: node for i, node in enumerate(nodes)}
+    failures: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    if LOSS_ARRAY in arrays:
+        raise ValueError(f"The model may not hold an array named {LOSS_ARRAY!r}.")
+    try:
+        setup = RoundSetup.create(
+            round_id=f"round-{server_round}-{secrets.token_hex(8)}",
+            participants=list(node_of),
+            threshold=threshold,
+            array_shapes={**{k: np.shape(v) for k, v in arrays.items()}, LOSS_ARRAY: (1,)},
+            clipping_range=clipping_range,
+            quantisation_bits=quantisation_bits,
+            max_weight=max_weight,
+        )
+    except SecAggError as error:
+        return _aborted(nodes, failures, f"cannot set up the round: {error}", seconds)
+    exchange = _Exchange(grid, node_of, group_id=str(server_round), timeout=timeout,
+                         failures=failures, seconds=seconds)
+    server = ServerSession(setup)
+    global_record = numpy_to_arrays(arrays.items())
+    try:
+        adverts = exchange.run(
+            KEYS_ACTION,
+            {
+                p: RecordDict(
+                    {
+                        keys.ARRAYS: global_record,
+                        keys.CONFIG: site_config,
+                        RECORD: ConfigRecord(invitation_to_fields(setup, p)),  # type: ignore[arg-type]
+                    }
+                )
+                for p in node_of
+            },
+            KeyAdvertisement,
+        )
+        broadcasts = server.collect_keys(adverts)
+        shares = exchange.run(SHARES_ACTION, _contents(broadcasts), ShareKeys)
+        deliveries = server.collect_shares(shares)
+        masked = exchange.run(MASK_ACTION, _contents(deliveries), MaskedInput)
+        requests = server.collect_masked_inputs(masked)
+        responses = exchange.run(UNMASK_ACTION, _contents(requests), UnmaskResponse)
+        result = server.aggregate(responses)
+    except RoundAborted as error:
+        return _aborted(nodes, failures, str(error), seconds)
+    new_arrays = {name: _add(array, result.arrays[name]) for name, array in arrays.items()}
+    mean_loss = float(result.arrays[LOSS_ARRAY][0]) * LOSS_RANGE / clipping_range
+    seconds["total"] = round(time.monotonic() - started, 3)
+    dropped = [f"node-{node_of[p]}" for p in result.dropped]
+    log.info(
+        "secure round %d: %d of %d site(s) aggregated, %d dropped (%.1f s)",
+        server_round, len(result.contributors), len(nodes), len(dropped), seconds["total"],
+    )
+    return SecureRoundResult(
+        arrays=new_arrays,
+        totals={
+            keys.NUM_EXAMPLES: result.total_weight,
+            keys.LOSS_SUM: mean_loss * result.total_weight,
+        },
+        contributors=len(result.contributors),
+        dropped=dropped,
+        failures=failures,
+        status="completed",
+        error_bound=result.error_bound,
+        seconds=seconds,
+    )
+
+
+class _Exchange:
+    """Sends one stage's messages and returns the well-formed replies of the expected nodes."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        node_of: Mapping[NodeId, int],
+        *,
+        group_id: str,
+        timeout: float,
+        failures: dict[str, str],
+        seconds: dict[str, float],
+    ) -> None:
+        self.grid = grid
+        self.node_of = node_of
+        self.participant_of = {node: p for p, node in node_of.items()}
+        self.group_id = group_id
+        self.timeout = timeout
+        self.failures = failures
+        self.seconds = seconds
+
+    def run(
+        self, action: str, contents: Mapping[NodeId, RecordDict], kind: type[_Reply]
+    ) -> list[_Reply]:
+        started = time.monotonic()
+        messages = [
+            Message(
+                content=content,
+                message_type=f"{MessageType.TRAIN}.{action}",
+                dst_node_id=self.node_of[p],
+                group_id=self.group_id,
+            )
+            for p, content in contents.items()
+        ]
+        answered: dict[NodeId, _Reply] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            participant = self.participant_of.get(node)
+            if participant is None or participant not in contents or participant in answered:
+                log.warning("ignoring an unexpected %s reply from node %s", action, node)
+                continue
+            message = self._decoded(action, reply, kind, participant)
+            if message is not None:
+                answered[participant] = message
+        for p in contents:
+            if p not in answered:
+                self.failures.setdefault(
+                    f"node-{self.node_of[p]}", f"{action}: no reply within {self.timeout} s"
+                )
+        self.seconds[action] = round(time.monotonic() - started, 3)
+        return list(answered.values())
+
+    def _decoded(
+        self, action: str, reply: Message, kind: type[_Reply], participant: NodeId
+    ) -> _Reply | None:
+        name = f"node-{reply.metadata.src_node_id}"
+        if reply.has_error():
+            self.failures[name] = f"{action}: {reply.error.reason}"
+            return None
+        try:
+            record = reply.content.get(RECORD)
+            if not isinstance(record, ConfigRecord):
+                raise ProtocolError(f"no ConfigRecord '{RECORD}' in the reply")
+            message = message_from_fields(kind, dict(record))
+            if message.sender != participant:
+                raise ProtocolError(f"the reply claims to come from participant {message.sender}")
+        except ProtocolError as error:
+            self.failures[name] = f"{action}: {error}"
+            return None
+        return message
+
+
+def _contents(messages: Mapping[NodeId, object]) -> dict[NodeId, RecordDict]:
+    return {p: _record(message_to_fields(m)) for p, m in messages.items()}  # type: ignore[arg-type]
+
+
+def _record(fields: dict[str, FieldValue]) -> RecordDict:
+    return RecordDict({RECORD: ConfigRecord(fields)})  # type: ignore[arg-type]
+
+
+def _add(array: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
+    total = np.asarray(array, dtype=np.float64) + mean_update
+    if np.issubdtype(array.dtype, np.integer):
+        total = np.rint(total)
+    return total.astype(array.dtype)
+
+
+def _aborted(
+    nodes: list[int], failures: dict[str, str], reason: str, seconds: dict[str, float]
+) -> SecureRoundResult:
+    log.warning("secure round aborted: %s; failures: %s", reason, failures)
+    return SecureRoundResult(
+        arrays=None,
+        totals={},
+        contributors=0,
+        dropped=[f"node-{node}" for node in nodes],
+        failures=failures,
+        status="aborted",
+        reason=reason,
+        seconds=seconds,
+    )
