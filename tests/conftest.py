@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fedrad.synth import SynthConfig, write_consortium
+
+# Property tests draw the same examples on every run: CI must not be a lottery.
+settings.register_profile("fedrad", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("fedrad")
 
 # Keep every test process to the CPUs CI gives it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
