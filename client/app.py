@@ -82,7 +82,8 @@ def _train(msg: Message, context: Context) -> RecordDict:
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         proximal_mu=float(msg.content[keys.CONFIG].get(keys.PROXIMAL_MU, 0.0))
-        if config.strategy == "fedprox" else 0.0,
+        if config.strategy == "fedprox"
+        else 0.0,
         seed=config.seed * 100_003 + server_round,
     )
     if len(dataset) == 0:
@@ -128,8 +129,12 @@ def _train_dp(
     ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
     run_id = str(context.run_id)
     plan = resolve_dp(
-        request, limits, num_train_samples=len(dataset), batch_size=config.batch_size,
-        study_delta=ledger.delta, prior_history=ledger.history_before(run_id),
+        request,
+        limits,
+        num_train_samples=len(dataset),
+        batch_size=config.batch_size,
+        study_delta=ledger.delta,
+        prior_history=ledger.history_before(run_id),
     )
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     return train_local_dp(

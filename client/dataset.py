@@ -150,8 +150,12 @@ class _Pass:
         """Decode files (in workers) and remember their verdicts and pixels."""
         s = self.settings
         results = ingest_files(
-            self.site_dir, relatives, transform=self.config, workers=s.workers,
-            timeout_s=s.timeout_s, max_bytes=s.max_bytes,
+            self.site_dir,
+            relatives,
+            transform=self.config,
+            workers=s.workers,
+            timeout_s=s.timeout_s,
+            max_bytes=s.max_bytes,
         )
         for rel, result in results.items():
             self.verdicts[rel] = result.verdict
@@ -242,8 +246,9 @@ def load_site(
             skipped.append((row.id, str(exc)))
             continue
         samples.append(
-            Sample(row.id, row.label, row.split or assign_split(row.id), image,
-                   _attributes(chosen[0]))
+            Sample(
+                row.id, row.label, row.split or assign_split(row.id), image, _attributes(chosen[0])
+            )
         )
     if work.cache:
         work.cache.keep_only(set(seen))

@@ -62,29 +62,64 @@ REASON_HELP: dict[str, str] = {
 """Every reason a file can be quarantined for: stable code -> what it means (one line)."""
 
 REQUIRED_IMAGE_TAGS = (
-    "Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
-    "PhotometricInterpretation", "PixelRepresentation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PixelRepresentation",
 )
 _NON_IMAGE_MODALITIES = {
-    "SR": "structured report", "KO": "key object selection", "PR": "presentation state",
-    "DOC": "encapsulated document", "ECG": "ECG waveform", "HD": "haemodynamic waveform",
-    "EPS": "electrophysiology waveform", "RESP": "respiratory waveform", "AU": "audio",
-    "RTPLAN": "RT plan", "RTSTRUCT": "RT structure set", "RTDOSE": "RT dose",
-    "RTRECORD": "RT treatment record", "SEG": "segmentation", "REG": "registration",
-    "FID": "fiducials", "RWV": "real world value map", "PLAN": "plan",
+    "SR": "structured report",
+    "KO": "key object selection",
+    "PR": "presentation state",
+    "DOC": "encapsulated document",
+    "ECG": "ECG waveform",
+    "HD": "haemodynamic waveform",
+    "EPS": "electrophysiology waveform",
+    "RESP": "respiratory waveform",
+    "AU": "audio",
+    "RTPLAN": "RT plan",
+    "RTSTRUCT": "RT structure set",
+    "RTDOSE": "RT dose",
+    "RTRECORD": "RT treatment record",
+    "SEG": "segmentation",
+    "REG": "registration",
+    "FID": "fiducials",
+    "RWV": "real world value map",
+    "PLAN": "plan",
 }
 _ROWS_COLUMNS = range(1, 2**16)
 _CHECKED_RANGES: dict[str, Container[int]] = {
-    "Rows": _ROWS_COLUMNS, "Columns": _ROWS_COLUMNS, "BitsAllocated": (1, 8, 16, 32, 64),
-    "BitsStored": range(1, 65), "SamplesPerPixel": (1, 3), "PixelRepresentation": (0, 1),
+    "Rows": _ROWS_COLUMNS,
+    "Columns": _ROWS_COLUMNS,
+    "BitsAllocated": (1, 8, 16, 32, 64),
+    "BitsStored": range(1, 65),
+    "SamplesPerPixel": (1, 3),
+    "PixelRepresentation": (0, 1),
 }
 _TAGS: dict[str, BaseTag] = {
     keyword: BaseTag(tag_for_keyword(keyword) or 0)
     for keyword in (
-        *REQUIRED_IMAGE_TAGS, "SOPClassUID", "SOPInstanceUID", "Modality", "Manufacturer",
-        "PatientSex", "PatientAge", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber",
-        "ImagePositionPatient", "BurnedInAnnotation", "NumberOfFrames", "RescaleSlope",
-        "RescaleIntercept", "PixelData", "MediaStorageSOPClassUID", "TransferSyntaxUID",
+        *REQUIRED_IMAGE_TAGS,
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "Modality",
+        "Manufacturer",
+        "PatientSex",
+        "PatientAge",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "InstanceNumber",
+        "ImagePositionPatient",
+        "BurnedInAnnotation",
+        "NumberOfFrames",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "PixelData",
+        "MediaStorageSOPClassUID",
+        "TransferSyntaxUID",
     )
 }
 """Tags of the attributes read here: indexing by BaseTag skips pydicom's keyword lookup."""
@@ -309,14 +344,17 @@ def _check_complete(ds: Dataset, size: int, path: Path) -> None:
     name = pydicom.datadict.keyword_for_tag(raw.tag) or str(raw.tag)
     if len(raw.value) < raw.length:
         raise DicomRejected(
-            path, f"file truncated: {name} declares {raw.length} bytes, the file holds "
-            f"{len(raw.value)} (cut-off copy, or a damaged length)", code="truncated",
+            path,
+            f"file truncated: {name} declares {raw.length} bytes, the file holds "
+            f"{len(raw.value)} (cut-off copy, or a damaged length)",
+            code="truncated",
         )
     trailing = size - (raw.value_tell + raw.length)
     deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     if 0 < trailing < 8 and not deflated:  # offsets of a deflated file are in the inflated data
         raise DicomRejected(
-            path, f"file truncated {trailing} byte(s) into the element after {name}",
+            path,
+            f"file truncated {trailing} byte(s) into the element after {name}",
             code="truncated",
         )
 
@@ -335,7 +373,8 @@ def check_object(ds: Dataset, path: Path) -> None:
         raise DicomRejected(path, f"missing {', '.join(missing)}", code="missing-tags")
     if _text(ds, "BurnedInAnnotation").upper() == "YES":
         raise DicomRejected(
-            path, "BurnedInAnnotation is YES: pixels may show identifiers",
+            path,
+            "BurnedInAnnotation is YES: pixels may show identifiers",
             code="burned-in-annotation",
         )
 
@@ -365,14 +404,16 @@ def check_geometry(ds: Dataset, path: Path, *, max_decoded_bytes: int) -> PixelG
     expected = _expected_length(geometry, _text(ds, "PhotometricInterpretation"))
     if expected > max_decoded_bytes:
         raise DicomRejected(
-            path, f"pixels would decode to {expected} bytes, over the cap of "
-            f"{max_decoded_bytes}", code="too-large",
+            path,
+            f"pixels would decode to {expected} bytes, over the cap of {max_decoded_bytes}",
+            code="too-large",
         )
     if not geometry.transfer_syntax.is_encapsulated:
         actual = len(ds.get_item(_TAGS["PixelData"]).value or b"")
         if actual not in (expected, expected + expected % 2):
             raise DicomRejected(
-                path, f"pixel data has {actual} bytes, geometry needs {expected}",
+                path,
+                f"pixel data has {actual} bytes, geometry needs {expected}",
                 code="pixel-data-length",
             )
     return geometry
@@ -432,8 +473,11 @@ def _geometry(ds: Dataset, path: Path) -> PixelGeometry:
     if problems:
         raise DicomRejected(path, f"impossible value(s): {', '.join(problems)}", code="malformed")
     return PixelGeometry(
-        rows=values["Rows"], columns=values["Columns"], frames=frames,
-        samples_per_pixel=values["SamplesPerPixel"], bits_allocated=values["BitsAllocated"],
+        rows=values["Rows"],
+        columns=values["Columns"],
+        frames=frames,
+        samples_per_pixel=values["SamplesPerPixel"],
+        bits_allocated=values["BitsAllocated"],
         transfer_syntax=_transfer_syntax(_text(ds.file_meta, "TransferSyntaxUID"))[0],
     )
 
@@ -455,9 +499,7 @@ def decode_pixels(ds: Dataset, geometry: PixelGeometry, path: Path) -> np.ndarra
     if caught:
         raise DicomRejected(path, f"the decoder had to guess: {str(caught[0].message)[:200]}")
     if pixels.shape != geometry.shape:
-        raise DicomRejected(
-            path, f"decoded shape {pixels.shape}, header declares {geometry.shape}"
-        )
+        raise DicomRejected(path, f"decoded shape {pixels.shape}, header declares {geometry.shape}")
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise DicomRejected(path, "pixel data holds non-finite values")
     return pixels
@@ -473,9 +515,7 @@ def read_pixels(path: Path) -> np.ndarray:
     data, _ = read_capped(path, max_bytes=READ_PIXELS_MAX_BYTES)
     ds = parse_dicom(data, path)
     check_object(ds, path)
-    geometry = check_geometry(
-        ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * READ_PIXELS_MAX_BYTES
-    )
+    geometry = check_geometry(ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * READ_PIXELS_MAX_BYTES)
     return modality_values(decode_pixels(ds, geometry, path), ds, path)
 
 

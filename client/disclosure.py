@@ -15,8 +15,17 @@ SUBGROUP_ATTRIBUTES = ("sex", "age-band", "manufacturer", "modality")
 SEXES = ("M", "F", "unknown")
 AGE_BANDS = tuple(f"{d}-{d + 9}" for d in range(0, 90, 10)) + ("90+", "unknown")
 VENDORS = (
-    "agfa", "canon", "carestream", "fujifilm", "ge", "hologic", "konica", "philips",
-    "samsung", "siemens", "other",
+    "agfa",
+    "canon",
+    "carestream",
+    "fujifilm",
+    "ge",
+    "hologic",
+    "konica",
+    "philips",
+    "samsung",
+    "siemens",
+    "other",
 )
 MODALITIES = ("CR", "DX", "MG", "US", "CT", "MR", "PT", "NM", "XA", "OT", "other")
 VOCABULARY: dict[str, tuple[str, ...]] = {

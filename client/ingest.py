@@ -55,12 +55,25 @@ def _nifti(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.nda
     info = path.stat()
     shape = volume.values.shape
     return AcceptedFile(
-        path=label, sha256=hashlib.sha256(data).hexdigest(), size=info.st_size,
-        mtime_ns=info.st_mtime_ns, modality=volume.modality, sop_class_uid="nifti",
-        sop_instance_uid="", series_uid="", study_uid="", rows=shape[-2], columns=shape[-1],
-        frames=shape[0] if len(shape) == 3 else 1, samples_per_pixel=1,
-        transfer_syntax="nifti", position_z=None, instance_number=None, sex="",
-        age_years=None, manufacturer="",
+        path=label,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=info.st_size,
+        mtime_ns=info.st_mtime_ns,
+        modality=volume.modality,
+        sop_class_uid="nifti",
+        sop_instance_uid="",
+        series_uid="",
+        study_uid="",
+        rows=shape[-2],
+        columns=shape[-1],
+        frames=shape[0] if len(shape) == 3 else 1,
+        samples_per_pixel=1,
+        transfer_syntax="nifti",
+        position_z=None,
+        instance_number=None,
+        sex="",
+        age_years=None,
+        manufacturer="",
     ), volume.values
 
 
@@ -73,9 +86,14 @@ def _accept(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.nd
     geometry = check_geometry(ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * max_bytes)
     values = modality_values(decode_pixels(ds, geometry, path), ds, path)
     verdict = AcceptedFile(
-        path=label, sha256=hashlib.sha256(data).hexdigest(), size=info.st_size,
-        mtime_ns=info.st_mtime_ns, rows=geometry.rows, columns=geometry.columns,
-        frames=geometry.frames, samples_per_pixel=geometry.samples_per_pixel,
+        path=label,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=info.st_size,
+        mtime_ns=info.st_mtime_ns,
+        rows=geometry.rows,
+        columns=geometry.columns,
+        frames=geometry.frames,
+        samples_per_pixel=geometry.samples_per_pixel,
         transfer_syntax=str(geometry.transfer_syntax),
         **header_attributes(ds),  # type: ignore[arg-type]
     )
@@ -122,8 +140,13 @@ def ingest_files(
     if not relatives:
         return {}
     results = run_in_workers(
-        partial(ingest_file, transform, max_bytes), relatives, cwd=site_dir.resolve(),
-        workers=workers, timeout_s=timeout_s, on_lost=_lost_ingest, initializer=_worker_init,
+        partial(ingest_file, transform, max_bytes),
+        relatives,
+        cwd=site_dir.resolve(),
+        workers=workers,
+        timeout_s=timeout_s,
+        on_lost=_lost_ingest,
+        initializer=_worker_init,
     )
     return {
         rel: r if r.verdict.path == rel else replace(r, verdict=replace(r.verdict, path=rel))

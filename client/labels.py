@@ -81,8 +81,7 @@ def _parse_row(path: Path, line: int, row: dict[str, str | None]) -> LabelRow:
         raise DataError(f"{path} line {line}: label {label} is negative; classes start at 0.")
     if raw_split is not None and raw_split not in SPLITS:
         raise DataError(
-            f"{path} line {line}: split '{raw_split}' must be one of {', '.join(SPLITS)} "
-            "or empty."
+            f"{path} line {line}: split '{raw_split}' must be one of {', '.join(SPLITS)} or empty."
         )
     return LabelRow(id=sample_id, label=label, split=raw_split, line=line)
 

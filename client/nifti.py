@@ -51,44 +51,55 @@ def read_nifti(path: Path, *, max_bytes: int) -> NiftiVolume:
     """
     name = path.name.lower()
     if not name.endswith(SUFFIXES):
-        raise DicomRejected(path, "not a NIfTI file name (expected .nii or .nii.gz)",
-                            code="unsupported-object")
+        raise DicomRejected(
+            path, "not a NIfTI file name (expected .nii or .nii.gz)", code="unsupported-object"
+        )
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise DicomRejected(path, f"cannot be opened ({exc.__class__.__name__})",
-                            code="unreadable") from None
+        raise DicomRejected(
+            path, f"cannot be opened ({exc.__class__.__name__})", code="unreadable"
+        ) from None
     if size > max_bytes:
-        raise DicomRejected(path, f"file too large: {size} bytes, limit {max_bytes}",
-                            code="too-large")
+        raise DicomRejected(
+            path, f"file too large: {size} bytes, limit {max_bytes}", code="too-large"
+        )
     try:
         image = nib.load(path, mmap=False)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad header
-        raise DicomRejected(path, f"not a readable NIfTI file ({_why(exc)})",
-                            code="malformed") from None
+        raise DicomRejected(
+            path, f"not a readable NIfTI file ({_why(exc)})", code="malformed"
+        ) from None
     if not isinstance(image, nib.Nifti1Image):
-        raise DicomRejected(path, f"not a NIfTI image ({type(image).__name__})",
-                            code="unsupported-object")
+        raise DicomRejected(
+            path, f"not a NIfTI image ({type(image).__name__})", code="unsupported-object"
+        )
     shape = _spatial_shape(path, tuple(int(n) for n in image.shape))
     _check_size(path, image, shape, max_bytes)
     affine = image.affine
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise DicomRejected(path, "affine is singular or non-finite: orientation unknown",
-                            code="malformed")
+        raise DicomRejected(
+            path, "affine is singular or non-finite: orientation unknown", code="malformed"
+        )
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt voxel data
         code = "truncated" if isinstance(exc, EOFError | OSError) else "undecodable"
-        raise DicomRejected(path, f"voxel data unreadable or truncated ({_why(exc)})",
-                            code=code) from None
+        raise DicomRejected(
+            path, f"voxel data unreadable or truncated ({_why(exc)})", code=code
+        ) from None
     if not np.isfinite(data).all():
-        raise DicomRejected(path, "voxel data holds non-finite values (NaN or infinity)",
-                            code="undecodable")
+        raise DicomRejected(
+            path, "voxel data holds non-finite values (NaN or infinity)", code="undecodable"
+        )
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data.reshape(_as_3d(shape)), affine))
     ras = np.asarray(canonical.dataobj, dtype=np.float32)
     zooms = tuple(float(z) for z in nib.affines.voxel_sizes(canonical.affine))
-    values, spacing = (_dicom_layout(ras, zooms) if len(shape) == 3 and 1 not in shape
-                       else _radiograph_layout(ras, zooms))
+    values, spacing = (
+        _dicom_layout(ras, zooms)
+        if len(shape) == 3 and 1 not in shape
+        else _radiograph_layout(ras, zooms)
+    )
     return NiftiVolume(np.ascontiguousarray(values), MODALITY, spacing)
 
 
@@ -103,26 +114,33 @@ def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
         shape = shape[:-1]
     if len(shape) > 3:
         raise DicomRejected(
-            path, f"{len(shape)}D image of shape {shape} ({int(np.prod(shape[3:]))} volumes): "
+            path,
+            f"{len(shape)}D image of shape {shape} ({int(np.prod(shape[3:]))} volumes): "
             "only 2D and 3D are used; export the labelled volume as its own 3D file",
-            code="unsupported-object")
+            code="unsupported-object",
+        )
     if len(shape) < 2 or min(shape) < 1 or sum(n > 1 for n in shape) < 2:
-        raise DicomRejected(path, f"shape {shape} is not a 2D image or 3D volume",
-                            code="malformed")
+        raise DicomRejected(path, f"shape {shape} is not a 2D image or 3D volume", code="malformed")
     return shape
 
 
 def _check_size(path: Path, image: nib.Nifti1Image, shape: tuple[int, ...], limit: int) -> None:
     dtype = image.header.get_data_dtype()
-    if dtype.fields is not None or not np.issubdtype(dtype, np.number) or (
-        np.issubdtype(dtype, np.complexfloating)
+    if (
+        dtype.fields is not None
+        or not np.issubdtype(dtype, np.number)
+        or (np.issubdtype(dtype, np.complexfloating))
     ):
-        raise DicomRejected(path, f"voxel type {dtype} is not a real number (RGB or complex?)",
-                            code="unsupported-object")
+        raise DicomRejected(
+            path,
+            f"voxel type {dtype} is not a real number (RGB or complex?)",
+            code="unsupported-object",
+        )
     needed = int(np.prod(shape, dtype=np.float64)) * max(dtype.itemsize, 4)
     if needed > limit:
-        raise DicomRejected(path, f"too large: shape {shape} needs {needed} bytes, limit {limit}",
-                            code="too-large")
+        raise DicomRejected(
+            path, f"too large: shape {shape} needs {needed} bytes, limit {limit}", code="too-large"
+        )
 
 
 def _as_3d(shape: tuple[int, ...]) -> tuple[int, ...]:

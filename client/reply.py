@@ -35,10 +35,13 @@ def check_reply(content: RecordDict, *, min_cell_count: int) -> None:
     for name, record in content.items():
         expected = ALLOWED_RECORDS.get(name)
         if expected is None or not isinstance(record, expected):
-            raise ReplyNotAllowed(f"record '{name}' ({type(record).__name__}) may not leave the site")
+            raise ReplyNotAllowed(
+                f"record '{name}' ({type(record).__name__}) may not leave the site"
+            )
         if name == keys.SUBGROUPS:
             bad = [
-                k for k, v in record.items()
+                k
+                for k, v in record.items()
                 if not is_allowed_cell(k, v, min_cell_count=min_cell_count)
             ]
             if bad:

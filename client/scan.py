@@ -251,14 +251,22 @@ def scan_folder(
         )
     paths = list_site_files(site_dir, skip)
     results = run_in_workers(
-        partial(_check_relative, _check, max_bytes), paths, cwd=site_dir.resolve(),
-        workers=workers, timeout_s=timeout_s, on_lost=_lost, initializer=_quiet_worker,
+        partial(_check_relative, _check, max_bytes),
+        paths,
+        cwd=site_dir.resolve(),
+        workers=workers,
+        timeout_s=timeout_s,
+        on_lost=_lost,
+        initializer=_quiet_worker,
         on_progress=on_progress,
     )
     report = _report(site_dir, results)
     log.info(
         "%s: %d file(s) accepted, %d quarantined, %d duplicate(s)",
-        site_dir, len(report.accepted), len(report.quarantined), len(report.duplicates),
+        site_dir,
+        len(report.accepted),
+        len(report.quarantined),
+        len(report.duplicates),
     )
     return report
 

@@ -56,8 +56,12 @@ class _Worker:
 
 
 def _serve(
-    conn: Connection, progress: Any, task: Callable[[str], object], cwd: str,
-    initializer: Callable[[], None] | None, parent_pid: int,
+    conn: Connection,
+    progress: Any,
+    task: Callable[[str], object],
+    cwd: str,
+    initializer: Callable[[], None] | None,
+    parent_pid: int,
 ) -> None:
     """Worker loop: run ``task`` on each path of each chunk received, reply per chunk."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
@@ -103,7 +107,9 @@ class _Pool(Generic[R]):
         parent_conn, child_conn = self.context.Pipe()
         progress = self.context.RawArray("d", 3)
         process = self.context.Process(
-            target=_serve, name="fedrad-scan-worker", daemon=True,
+            target=_serve,
+            name="fedrad-scan-worker",
+            daemon=True,
             args=(child_conn, progress, self.task, self.cwd, self.initializer, os.getpid()),
         )
         process.start()
@@ -247,7 +253,10 @@ def _dispatch(pool: _Pool[R], queue: deque[int], items: Sequence[str], workers: 
 
 
 def _collect(
-    pool: _Pool[R], worker: _Worker, queue: deque[int], results: dict[int, R],
+    pool: _Pool[R],
+    worker: _Worker,
+    queue: deque[int],
+    results: dict[int, R],
     lose: Callable[[int, str, str], None],
 ) -> None:
     """Take a worker's chunk results, or handle its death."""
@@ -268,7 +277,10 @@ def _collect(
 
 
 def _stop_if_overdue(
-    pool: _Pool[R], worker: _Worker, queue: deque[int], timeout_s: float,
+    pool: _Pool[R],
+    worker: _Worker,
+    queue: deque[int],
+    timeout_s: float,
     lose: Callable[[int, str, str], None],
 ) -> None:
     """Kill a worker whose current path has run past the timeout; lose that path only."""

@@ -45,9 +45,15 @@ def default_ledger_root() -> Path:
 
 def _site(node: NodeConfig, data_dir: Path, cache: Path, ledger: Path) -> Site:
     return Site(
-        site_id=node.site_id or data_dir.name, data_dir=data_dir, num_threads=node.num_threads,
-        min_cell_count=node.min_cell_count, cache_root=cache, ingest_workers=node.ingest_workers,
-        ledger_root=ledger, max_epsilon=node.max_epsilon, max_delta=node.max_delta,
+        site_id=node.site_id or data_dir.name,
+        data_dir=data_dir,
+        num_threads=node.num_threads,
+        min_cell_count=node.min_cell_count,
+        cache_root=cache,
+        ingest_workers=node.ingest_workers,
+        ledger_root=ledger,
+        max_epsilon=node.max_epsilon,
+        max_delta=node.max_delta,
     )
 
 
@@ -69,8 +75,14 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
                 f"{len(sites)} site(s). Run the simulation with as many supernodes as sites."
             )
         data_dir = sites[node.partition_id]
-        cache = Path(node.cache_dir).expanduser() if node.cache_dir else simulation_cache_root(sites_dir)
-        ledger = Path(node.ledger_dir).expanduser() if node.ledger_dir else sites_dir / ".fedrad-ledger"
+        cache = (
+            Path(node.cache_dir).expanduser()
+            if node.cache_dir
+            else simulation_cache_root(sites_dir)
+        )
+        ledger = (
+            Path(node.ledger_dir).expanduser() if node.ledger_dir else sites_dir / ".fedrad-ledger"
+        )
         return _site(node, data_dir, cache, ledger)
     raise DataError(
         "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."
@@ -104,7 +116,9 @@ def site_dataset(site: Site, config: RunConfig) -> SiteDataset:
             site.data_dir, transforms, num_classes=config.num_classes, settings=settings
         )
         log.info(
-            "site %s: %d samples loaded, %d skipped", site.site_id, len(dataset),
+            "site %s: %d samples loaded, %d skipped",
+            site.site_id,
+            len(dataset),
             len(dataset.skipped),
         )
         _CACHE[key] = dataset

@@ -58,7 +58,9 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
     """Build the configured optimizer over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        return torch.optim.Adam(
+            params, lr=settings.learning_rate, weight_decay=settings.weight_decay
+        )
     return torch.optim.SGD(
         params,
         lr=settings.learning_rate,

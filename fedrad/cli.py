@@ -75,8 +75,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from fedrad.synth import SynthConfig, write_consortium
 
     config = SynthConfig(
-        sites=args.sites, seed=args.seed, kind=args.kind, holdout=args.holdout,
-        image_size=args.image_size, slices=args.slices, samples_per_site=args.samples_per_site,
+        sites=args.sites,
+        seed=args.seed,
+        kind=args.kind,
+        holdout=args.holdout,
+        image_size=args.image_size,
+        slices=args.slices,
+        samples_per_site=args.samples_per_site,
         subgroup_difficulty=args.subgroup_difficulty,
     )
     summary = write_consortium(Path(args.out_dir), config, overwrite=args.overwrite)
@@ -85,7 +90,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         table.add_column(column)
     for site in summary.sites:
         table.add_row(
-            site.name, str(site.n_samples), str(site.n_files), f"{site.prevalence:.2f}",
+            site.name,
+            str(site.n_samples),
+            str(site.n_files),
+            f"{site.prevalence:.2f}",
             f"{site.manufacturer} {site.model}",
         )
     out.print(table)
@@ -103,7 +111,9 @@ def _preflight(config: RunConfig) -> list[Path]:
     sites_dir = Path(config.sites_dir)
     sites = list_site_dirs(sites_dir)
     # The first pass fills the sites' caches, so simulated clients start from them.
-    settings = IngestSettings(workers=os.cpu_count() or 1, cache_root=simulation_cache_root(sites_dir))
+    settings = IngestSettings(
+        workers=os.cpu_count() or 1, cache_root=simulation_cache_root(sites_dir)
+    )
     for site in sites:
         dataset = load_site(
             site, transform_config(config), num_classes=config.num_classes, settings=settings
@@ -188,9 +198,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedrad.evaluate import evaluate_run
     from fedrad.simulate import fused_run_config
     from fedrad.synth import SynthConfig, write_consortium
-    from fedrad.evaluate import evaluate_run
 
     base = Path(args.out_dir)
     sites_dir = base / "sites"
@@ -226,29 +236,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write a synthetic consortium of DICOM site folders")
-    synth.add_argument("out_dir", metavar="OUT_DIR", help="folder to write site-1, site-2, ... into")
+    synth.add_argument(
+        "out_dir", metavar="OUT_DIR", help="folder to write site-1, site-2, ... into"
+    )
     synth.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="seed; same seed, same files")
-    synth.add_argument("--kind", choices=("2d", "3d"), default="2d", help="2d images or 3d CT series")
-    synth.add_argument("--holdout", type=float, default=0.0,
-                       help="fraction written to OUT_DIR/holdout for evaluation (default 0)")
+    synth.add_argument(
+        "--kind", choices=("2d", "3d"), default="2d", help="2d images or 3d CT series"
+    )
+    synth.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction written to OUT_DIR/holdout for evaluation (default 0)",
+    )
     synth.add_argument("--image-size", type=int, default=64, help="base in-plane size (default 64)")
     synth.add_argument("--slices", type=int, default=16, help="3d: slices per series (default 16)")
-    synth.add_argument("--samples-per-site", type=int, default=200, help="mean site size (default 200)")
-    synth.add_argument("--subgroup-difficulty", type=float, default=0.5,
-                       help="0: no subgroup effect; higher: the finding is fainter in one subgroup")
-    synth.add_argument("--overwrite", action="store_true", help="replace site folders already there")
+    synth.add_argument(
+        "--samples-per-site", type=int, default=200, help="mean site size (default 200)"
+    )
+    synth.add_argument(
+        "--subgroup-difficulty",
+        type=float,
+        default=0.5,
+        help="0: no subgroup effect; higher: the finding is fainter in one subgroup",
+    )
+    synth.add_argument(
+        "--overwrite", action="store_true", help="replace site folders already there"
+    )
     synth.set_defaults(handler=_cmd_synth)
 
-    sim = sub.add_parser("simulate", help="federate over site folders on Flower's simulation engine")
+    sim = sub.add_parser(
+        "simulate", help="federate over site folders on Flower's simulation engine"
+    )
     sim.add_argument("sites_dir", metavar="SITES_DIR", help="folder holding one folder per site")
-    sim.add_argument("--client-cpus", type=float, default=1.0,
-                     help="CPUs per simulated site; torch threads follow (default 1)")
+    sim.add_argument(
+        "--client-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per simulated site; torch threads follow (default 1)",
+    )
     _add_run_config_options(sim, skip=("sites-dir",))
     sim.set_defaults(handler=_cmd_simulate)
 
     ev = sub.add_parser("evaluate", help="score a run's global model on a site-format folder")
-    ev.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by simulate or flwr run")
+    ev.add_argument(
+        "run_dir", metavar="RUN_DIR", help="run directory written by simulate or flwr run"
+    )
     ev.add_argument("data_dir", metavar="DATA_DIR", help="folder of DICOM files and labels.csv")
     ev.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
     ev.set_defaults(handler=_cmd_evaluate)

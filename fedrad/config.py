@@ -85,8 +85,10 @@ _FIELD_TYPES: dict[Any, type] = {"str": str, "int": int, "float": float, "bool":
 
 def _check_range(key: str, value: float, low: float | None, high: float | None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if low is not None and high is not None else (
-            f"at least {low}" if low is not None else f"at most {high}"
+        bounds = (
+            f"between {low} and {high}"
+            if low is not None and high is not None
+            else (f"at least {low}" if low is not None else f"at most {high}")
         )
         raise ConfigError(f"'{key}' must be {bounds}, got {value}.")
 
@@ -203,9 +205,7 @@ class RunConfig:
         _check_range("trim-beta", self.trim_beta, 0.0, 0.49)
         _check_range("krum-byzantine", self.krum_byzantine, 0, 1000)
         if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError(
-                f"'fraction-train' must be in (0, 1], got {self.fraction_train}."
-            )
+            raise ConfigError(f"'fraction-train' must be in (0, 1], got {self.fraction_train}.")
         _check_range("min-sites", self.min_sites, 1, 100_000)
         if not self.round_timeout > 0:
             raise ConfigError(f"'round-timeout' must be positive, got {self.round_timeout}.")

@@ -48,7 +48,9 @@ def evaluate_run(run_dir: Path, data_dir: Path) -> dict[str, float]:
         positive = (labels == config.positive_label).astype(np.int64)
         result.update(binary_scores(scores[:, config.positive_label], positive, threshold))
     else:
-        aucs = [exact_auc(scores[:, c], (labels == c).astype(np.int64)) for c in range(scores.shape[1])]
+        aucs = [
+            exact_auc(scores[:, c], (labels == c).astype(np.int64)) for c in range(scores.shape[1])
+        ]
         result.update(
             auc=float(np.nanmean(aucs)),
             accuracy=float((scores.argmax(axis=1) == labels).mean()),

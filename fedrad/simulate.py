@@ -58,8 +58,8 @@ def _write_app_config(folder: Path, config: RunConfig) -> None:
 def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float = 1.0) -> None:
     """Run the federation with ``num_sites`` simulated sites (one per site folder)."""
     from flwr.app import Context, RecordDict
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
     from client.app import app as client_app
     from server.app import app as server_app

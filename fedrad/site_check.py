@@ -68,26 +68,42 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
 def add_parser(subparsers: Any) -> None:
     """Add ``site`` with its ``check`` subcommand to the ``fedrad`` command's subparsers."""
     site = subparsers.add_parser(
-        "site", help="inspect a hospital's data folder",
+        "site",
+        help="inspect a hospital's data folder",
         description="Inspect a hospital's data folder before it joins a federation.",
     )
     commands = site.add_subparsers(dest="site_command", required=True, metavar="COMMAND")
     check = commands.add_parser(
-        "check", help="scan DATA_DIR: usable and quarantined files, duplicates, labels",
+        "check",
+        help="scan DATA_DIR: usable and quarantined files, duplicates, labels",
         description="Scan every file of DATA_DIR: accepted files (by modality, shape, series), "
         "quarantined files with a reason, duplicates, label coverage, class balance and "
         "subgroup counts. Exit 0 when at least one labelled sample is usable, 2 otherwise.",
     )
-    check.add_argument("data_dir", metavar="DATA_DIR",
-                       help="site folder: DICOM files and labels.csv")
-    check.add_argument("--json", metavar="FILE",
-                       help="also write the full report, every file, to FILE")
-    check.add_argument("--workers", type=_positive(int), default=min(4, os.cpu_count() or 1),
-                       help="worker processes decoding files (default: CPUs, at most 4)")
-    check.add_argument("--timeout", type=_positive(float), default=20.0,
-                       help="seconds one file may take before it is quarantined (default 20)")
-    check.add_argument("--max-mb", type=_positive(float), default=DEFAULT_MAX_BYTES / 2**20,
-                       help="larger files are quarantined unread (default 256)")
+    check.add_argument(
+        "data_dir", metavar="DATA_DIR", help="site folder: DICOM files and labels.csv"
+    )
+    check.add_argument(
+        "--json", metavar="FILE", help="also write the full report, every file, to FILE"
+    )
+    check.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes decoding files (default: CPUs, at most 4)",
+    )
+    check.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=20.0,
+        help="seconds one file may take before it is quarantined (default 20)",
+    )
+    check.add_argument(
+        "--max-mb",
+        type=_positive(float),
+        default=DEFAULT_MAX_BYTES / 2**20,
+        help="larger files are quarantined unread (default 256)",
+    )
     check.set_defaults(handler=run_site_check)
 
 
@@ -110,7 +126,9 @@ def _site_check(args: argparse.Namespace) -> int:
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("checking files", total=None)
         scan = scan_folder(
-            site_dir, workers=args.workers, timeout_s=args.timeout,
+            site_dir,
+            workers=args.workers,
+            timeout_s=args.timeout,
             max_bytes=int(args.max_mb * 2**20),
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
@@ -145,8 +163,11 @@ def label_coverage(site_dir: Path, scan: ScanReport) -> LabelCoverage:
     coverage = LabelCoverage("ok", f"{len(rows)} row(s)", [], [], [], [])
     for row in rows:
         key = posixpath.normpath(row.id.replace("\\", "/"))
-        files = ([by_path[key]] if key in by_path else series.get(row.id)
-                 or _largest_series(studies.get(row.id, [])))
+        files = (
+            [by_path[key]]
+            if key in by_path
+            else series.get(row.id) or _largest_series(studies.get(row.id, []))
+        )
         if files:
             coverage.samples.append((row, files))
         elif key in quarantined:
@@ -198,8 +219,9 @@ def _subgroups(accepted: list[AcceptedFile]) -> dict[str, dict[str, int]]:
         "manufacturer": lambda f: f.manufacturer or "unknown",
         "modality": lambda f: f.modality,
     }
-    return {name: dict(sorted(Counter(map(value, accepted)).items()))
-            for name, value in values.items()}
+    return {
+        name: dict(sorted(Counter(map(value, accepted)).items())) for name, value in values.items()
+    }
 
 
 def _by_modality(accepted: list[AcceptedFile]) -> dict[str, dict[str, Any]]:
@@ -262,16 +284,22 @@ def _unusable(scan: ScanReport, coverage: LabelCoverage) -> str:
     """Say why the folder cannot be used for training, and how to fix it; '' when it can."""
     total = len(scan.accepted) + len(scan.quarantined) + len(scan.duplicates)
     if total == 0:
-        return (f"{scan.site_dir} holds no files (hidden files and labels.csv are not scanned); "
-                "copy the DICOM export into it.")
+        return (
+            f"{scan.site_dir} holds no files (hidden files and labels.csv are not scanned); "
+            "copy the DICOM export into it."
+        )
     if not scan.accepted:
-        return (f"none of the {total} file(s) is usable; see the quarantine reasons above and "
-                "re-export the images from the PACS as uncompressed or JPEG DICOM.")
+        return (
+            f"none of the {total} file(s) is usable; see the quarantine reasons above and "
+            "re-export the images from the PACS as uncompressed or JPEG DICOM."
+        )
     if coverage.status != "ok":
         return f"no labels: {coverage.message}"
     if not coverage.samples:
-        return (f"no row of {LABELS_FILE} names an accepted file, series or study; fix the ids "
-                "(paths relative to the folder, SeriesInstanceUIDs or StudyInstanceUIDs).")
+        return (
+            f"no row of {LABELS_FILE} names an accepted file, series or study; fix the ids "
+            "(paths relative to the folder, SeriesInstanceUIDs or StudyInstanceUIDs)."
+        )
     return ""
 
 
@@ -303,36 +331,82 @@ def _table(title: str, columns: tuple[str, ...], rows: Iterable[tuple[object, ..
 def _print_report(report: dict[str, Any]) -> None:
     """Print the summary tables (the JSON report has every file)."""
     counts = report["counts"]
-    out.print(_table(f"files in {report['site-dir']}", ("files", "accepted", "quarantined",
-                     "duplicates"), [tuple(counts[k] for k in ("files", "accepted",
-                                                              "quarantined", "duplicates"))]))
-    out.print(_table("accepted, by modality", ("modality", "files", "series", "shapes"), [
-        (m, s["files"], s["series"], _first([f"{k} ({n})" for k, n in s["shapes"].items()]))
-        for m, s in report["accepted-by-modality"].items()
-    ]))
+    out.print(
+        _table(
+            f"files in {report['site-dir']}",
+            ("files", "accepted", "quarantined", "duplicates"),
+            [tuple(counts[k] for k in ("files", "accepted", "quarantined", "duplicates"))],
+        )
+    )
+    out.print(
+        _table(
+            "accepted, by modality",
+            ("modality", "files", "series", "shapes"),
+            [
+                (m, s["files"], s["series"], _first([f"{k} ({n})" for k, n in s["shapes"].items()]))
+                for m, s in report["accepted-by-modality"].items()
+            ],
+        )
+    )
     if report["quarantined-by-reason"]:
-        out.print(_table("quarantined, by reason", ("reason", "files", "first files", "example"), [
-            (reason, q["files"], _first(q["paths"]), q["example"])
-            for reason, q in report["quarantined-by-reason"].items()
-        ]))
+        out.print(
+            _table(
+                "quarantined, by reason",
+                ("reason", "files", "first files", "example"),
+                [
+                    (reason, q["files"], _first(q["paths"]), q["example"])
+                    for reason, q in report["quarantined-by-reason"].items()
+                ],
+            )
+        )
     if report["duplicates"]:
         pairs = [f"{d['path']} = {d['duplicate-of']}" for d in report["duplicates"]]
         out.print(f"duplicates (counted once): {len(pairs)}: {_first(pairs)}", soft_wrap=True)
     labels = report["labels"]
-    out.print(_table(f"labels ({LABELS_FILE}: {labels['status']})", ("check", "count", "first"), [
-        ("usable labelled samples", labels["usable-samples"], ""),
-        ("labels without images", len(labels["labels-without-images"]),
-         _first([f"{r['id']} (line {r['line']})" for r in labels["labels-without-images"]])),
-        ("labelled but quarantined", len(labels["labelled-but-quarantined"]),
-         _first([f"{r['id']} ({r['reason']})" for r in labels["labelled-but-quarantined"]])),
-        ("images without labels", len(labels["images-without-labels"]),
-         _first(labels["images-without-labels"])),
-    ]))
+    out.print(
+        _table(
+            f"labels ({LABELS_FILE}: {labels['status']})",
+            ("check", "count", "first"),
+            [
+                ("usable labelled samples", labels["usable-samples"], ""),
+                (
+                    "labels without images",
+                    len(labels["labels-without-images"]),
+                    _first(
+                        [f"{r['id']} (line {r['line']})" for r in labels["labels-without-images"]]
+                    ),
+                ),
+                (
+                    "labelled but quarantined",
+                    len(labels["labelled-but-quarantined"]),
+                    _first(
+                        [f"{r['id']} ({r['reason']})" for r in labels["labelled-but-quarantined"]]
+                    ),
+                ),
+                (
+                    "images without labels",
+                    len(labels["images-without-labels"]),
+                    _first(labels["images-without-labels"]),
+                ),
+            ],
+        )
+    )
     total = sum(report["class-balance"].values()) or 1
-    out.print(_table("class balance (labelled usable samples)", ("label", "samples", "share"), [
-        (label, n, f"{n / total:.0%}") for label, n in report["class-balance"].items()
-    ]))
-    out.print(_table("subgroups (accepted files)", ("attribute", "value", "files"), [
-        (name, value, n) for name, counts_ in report["subgroups"].items()
-        for value, n in counts_.items()
-    ]))
+    out.print(
+        _table(
+            "class balance (labelled usable samples)",
+            ("label", "samples", "share"),
+            [(label, n, f"{n / total:.0%}") for label, n in report["class-balance"].items()],
+        )
+    )
+    out.print(
+        _table(
+            "subgroups (accepted files)",
+            ("attribute", "value", "files"),
+            [
+                (name, value, n)
+                for name, counts_ in report["subgroups"].items()
+                for value, n in counts_.items()
+            ],
+        )
+    )

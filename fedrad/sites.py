@@ -35,7 +35,8 @@ def list_site_dirs(sites_dir: Path) -> list[Path]:
             "one sub-folder per hospital."
         )
     sites = [
-        p for p in sites_dir.iterdir()
+        p
+        for p in sites_dir.iterdir()
         if p.is_dir() and p.name != HOLDOUT and (p / "labels.csv").is_file()
     ]
     if not sites:

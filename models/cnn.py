@@ -119,9 +119,7 @@ class ResNetEncoder(nn.Module):
             blocks.append(ResidualBlock(spatial_dims, previous, width, 1 if index == 0 else 2))
             previous = width
         self.blocks = nn.Sequential(*blocks)
-        self.pools = nn.ModuleList(
-            [Pool[kind, spatial_dims](1) for kind in _POOLS[pool]]
-        )
+        self.pools = nn.ModuleList([Pool[kind, spatial_dims](1) for kind in _POOLS[pool]])
         self.num_features = previous * len(self.pools)
         for module in self.modules():
             if isinstance(module, conv):

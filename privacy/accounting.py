@@ -151,14 +151,10 @@ def history_delta(
 
 def _check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}."
-        )
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}.")
 
 
-def compute_epsilon(
-    history: Sequence[Sequence[object]], *, delta: float, accountant: str
-) -> float:
+def compute_epsilon(history: Sequence[Sequence[object]], *, delta: float, accountant: str) -> float:
     """Cumulative epsilon of a whole history at ``delta``, by the named Opacus accountant.
 
     Parameters

@@ -103,11 +103,25 @@ class PrivacyLedger:
         path = Path(root) / study_id / f"{site_id}.json"
         data = _read_bytes(path)
         if data is None:
-            return cls(path, study_id=study_id, site_id=site_id, delta=None, accountant=None,
-                       rounds=(), digest=None)
+            return cls(
+                path,
+                study_id=study_id,
+                site_id=site_id,
+                delta=None,
+                accountant=None,
+                rounds=(),
+                digest=None,
+            )
         delta, accountant, rounds = _parse(data, path, study_id=study_id, site_id=site_id)
-        return cls(path, study_id=study_id, site_id=site_id, delta=delta, accountant=accountant,
-                   rounds=rounds, digest=_digest(data))
+        return cls(
+            path,
+            study_id=study_id,
+            site_id=site_id,
+            delta=delta,
+            accountant=accountant,
+            rounds=rounds,
+            digest=_digest(data),
+        )
 
     @property
     def path(self) -> Path:
@@ -261,7 +275,12 @@ class PrivacyLedger:
         self._digest = _digest(data)
         logger.info(
             "Study %s at site %s: round %s spent %d steps, cumulative epsilon %.4f (delta %g)",
-            self._study_id, self._site_id, server_round, entry.steps, entry.epsilon, delta,
+            self._study_id,
+            self._site_id,
+            server_round,
+            entry.steps,
+            entry.epsilon,
+            delta,
         )
         return entry.epsilon
 

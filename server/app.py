@@ -31,7 +31,9 @@ def ensure_demo_sites(config: RunConfig) -> Path:
         from fedrad.synth import SynthConfig, write_consortium
 
         log.info("sites-dir is empty: synthesizing the demo consortium in %s", sites_dir)
-        write_consortium(sites_dir, SynthConfig(sites=4, seed=config.seed, kind=config.kind, holdout=0.2))
+        write_consortium(
+            sites_dir, SynthConfig(sites=4, seed=config.seed, kind=config.kind, holdout=0.2)
+        )
     return sites_dir
 
 
@@ -57,5 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = Federation(grid, config, run_dir).run()
     log.info(
         "run %s after %d round(s); global model in %s",
-        summary["status"], summary["rounds-completed"], run_dir.path / "model.safetensors",
+        summary["status"],
+        summary["rounds-completed"],
+        run_dir.path / "model.safetensors",
     )

@@ -101,7 +101,9 @@ def _evaluation_metrics(totals: dict[str, Any], config: RunConfig) -> dict[str, 
         num_examples=int(totals[keys.NUM_EXAMPLES]),
         loss_sum=float(totals[keys.LOSS_SUM]),
         confusion=np.asarray(totals[keys.CONFUSION], dtype=np.int64).reshape(c, c),
-        score_hist=np.asarray(totals[keys.SCORE_HIST], dtype=np.int64).reshape(c, c, keys.SCORE_BINS),
+        score_hist=np.asarray(totals[keys.SCORE_HIST], dtype=np.int64).reshape(
+            c, c, keys.SCORE_BINS
+        ),
         positive_label=config.positive_label,
     )
 
@@ -159,9 +161,12 @@ class Federation:
             new_arrays, train = self._train_round(server_round, arrays)
             record["train"] = {"sites": train.results, "failures": train.failures}
             if new_arrays is None:
-                status, reason = "stopped", (
-                    f"round {server_round}: {len(train.ok)} site(s) trained, at least "
-                    f"{self.config.min_sites} needed (min-sites); failures: {train.failures}"
+                status, reason = (
+                    "stopped",
+                    (
+                        f"round {server_round}: {len(train.ok)} site(s) trained, at least "
+                        f"{self.config.min_sites} needed (min-sites); failures: {train.failures}"
+                    ),
                 )
                 record["status"] = "failed"
                 self.run_dir.append_metrics(record)
@@ -180,8 +185,11 @@ class Federation:
             self.run_dir.append_metrics(record)
             log.info(
                 "round %d/%d: %d site(s), val AUC %.3f, val loss %.4f (%.1f s)",
-                server_round, self.config.num_server_rounds, len(train.ok),
-                last_eval.get("auc", float("nan")), last_eval.get("loss", float("nan")),
+                server_round,
+                self.config.num_server_rounds,
+                len(train.ok),
+                last_eval.get("auc", float("nan")),
+                last_eval.get("loss", float("nan")),
                 record["seconds"],
             )
         summary = {
@@ -199,7 +207,10 @@ class Federation:
         self, server_round: int, arrays: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray] | None, SiteReplies]:
         messages = self.strategy.configure_train(
-            server_round, numpy_to_arrays(arrays.items()), self._site_config(server_round), self.grid
+            server_round,
+            numpy_to_arrays(arrays.items()),
+            self._site_config(server_round),
+            self.grid,
         )
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
         collected = _collect(replies)
@@ -217,7 +228,9 @@ class Federation:
     def _evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         messages = [
             Message(
-                content=_content(numpy_to_arrays(arrays.items()), self._site_config(server_round, "val")),
+                content=_content(
+                    numpy_to_arrays(arrays.items()), self._site_config(server_round, "val")
+                ),
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node_id,
             )

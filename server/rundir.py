@@ -70,7 +70,9 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing: is {path.parent} a fedrad run directory?") from None
     except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path} is not valid JSON ({exc}); the run directory is damaged.") from None
+        raise RunDirError(
+            f"{path} is not valid JSON ({exc}); the run directory is damaged."
+        ) from None
 
 
 def sha256_file(path: Path) -> str:
@@ -196,8 +198,9 @@ class RunDir:
         chosen = self.latest_round() if server_round is None else server_round
         folder = self.round_dir(chosen)
         if chosen == 0 or not (folder / MODEL_META).is_file():
+            which = "" if server_round is None else f" for round {server_round}"
             raise RunDirError(
-                f"{self.path} holds no complete checkpoint{'' if server_round is None else f' for round {server_round}'}; "
+                f"{self.path} holds no complete checkpoint{which}; "
                 "start a new run instead of resuming."
             )
         meta = read_json(folder / MODEL_META)

@@ -37,6 +37,7 @@ from privacy.secagg import (
     ServerSession,
     ShareKeys,
     UnmaskResponse,
+    default_degree,
 )
 from privacy.secagg.state import (
     KEYS_ACTION,
@@ -53,7 +54,7 @@ from privacy.secagg.state import (
 )
 from server.strategies import numpy_to_arrays
 
-__all__ = ["SecureRoundResult", "secure_train_round"]
+__all__ = ["SecureRoundResult", "default_threshold", "secure_train_round"]
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,14 @@ def secure_train_round(
         )
     except SecAggError as error:
         return _aborted(nodes, failures, f"cannot set up the round: {error}", seconds)
-    exchange = _Exchange(grid, node_of, group_id=str(server_round), timeout=timeout,
-                         failures=failures, seconds=seconds)
+    exchange = _Exchange(
+        grid,
+        node_of,
+        group_id=str(server_round),
+        timeout=timeout,
+        failures=failures,
+        seconds=seconds,
+    )
     server = ServerSession(setup)
     global_record = numpy_to_arrays(arrays.items())
     try:
@@ -176,8 +183,10 @@ def secure_train_round(
             KeyAdvertisement,
         )
         broadcasts = server.collect_keys(adverts)
+        exchange.note_pruned(KEYS_ACTION, adverts, server.live)
         shares = exchange.run(SHARES_ACTION, _contents(broadcasts), ShareKeys)
         deliveries = server.collect_shares(shares)
+        exchange.note_pruned(SHARES_ACTION, shares, server.live)
         masked = exchange.run(MASK_ACTION, _contents(deliveries), MaskedInput)
         requests = server.collect_masked_inputs(masked)
         responses = exchange.run(UNMASK_ACTION, _contents(requests), UnmaskResponse)
@@ -190,7 +199,11 @@ def secure_train_round(
     dropped = [f"node-{node_of[p]}" for p in result.dropped]
     log.info(
         "secure round %d: %d of %d site(s) aggregated, %d dropped (%.1f s)",
-        server_round, len(result.contributors), len(nodes), len(dropped), seconds["total"],
+        server_round,
+        len(result.contributors),
+        len(nodes),
+        len(dropped),
+        seconds["total"],
     )
     return SecureRoundResult(
         arrays=new_arrays,
@@ -205,6 +218,17 @@ def secure_train_round(
         error_bound=result.error_bound,
         seconds=seconds,
     )
+
+
+def default_threshold(num_sites: int) -> int:
+    """Return the smallest threshold a round of ``num_sites`` accepts: the most dropouts.
+
+    That is a majority of each site's share holders (its neighbours and itself), so that no
+    split of them can release both secrets of one site; with 3 to 10 sites every site
+    neighbours every other, so it is ``num_sites // 2 + 1``.
+    """
+    degree = min(default_degree(num_sites), num_sites - 1)
+    return (degree + 1) // 2 + 1
 
 
 class _Exchange:
@@ -258,6 +282,16 @@ class _Exchange:
                 )
         self.seconds[action] = round(time.monotonic() - started, 3)
         return list(answered.values())
+
+    def note_pruned(self, action: str, answered: Sequence[_Reply], live: Sequence[NodeId]) -> None:
+        """Record why a node that answered was still dropped (the session logs the detail)."""
+        for message in answered:
+            if message.sender not in live:
+                self.failures.setdefault(
+                    f"node-{self.node_of[message.sender]}",
+                    f"{action}: dropped by the protocol (malformed message, or too few live "
+                    "neighbours)",
+                )
 
     def _decoded(
         self, action: str, reply: Message, kind: type[_Reply], participant: NodeId

@@ -53,7 +53,9 @@ STRATEGIES: dict[str, Callable[[RunConfig], FedAvg]] = {
     "fedavg": lambda c: FedAvg(**_common(c)),  # type: ignore[arg-type]
     "fedprox": lambda c: FedProx(**_common(c), proximal_mu=c.proximal_mu),  # type: ignore[arg-type]
     "fedadam": lambda c: FedAdam(
-        **_common(c), eta=c.server_learning_rate, eta_l=c.learning_rate  # type: ignore[arg-type]
+        **_common(c),
+        eta=c.server_learning_rate,
+        eta_l=c.learning_rate,  # type: ignore[arg-type]
     ),
     "fedmedian": lambda c: FedMedian(**_common(c)),  # type: ignore[arg-type]
     "fedtrimmedavg": lambda c: FedTrimmedAvg(**_common(c), beta=c.trim_beta),  # type: ignore[arg-type]

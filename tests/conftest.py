@@ -23,7 +23,8 @@ def sites_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two small 2D hospitals and a holdout (32 px)."""
     out = tmp_path_factory.mktemp("sites-2d")
     write_consortium(
-        out, SynthConfig(sites=2, seed=3, kind="2d", holdout=0.2, image_size=32, samples_per_site=40),
+        out,
+        SynthConfig(sites=2, seed=3, kind="2d", holdout=0.2, image_size=32, samples_per_site=40),
         overwrite=True,
     )
     return out
@@ -39,4 +40,3 @@ def sites_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
         overwrite=True,
     )
     return out
-

@@ -12,12 +12,18 @@ from pathlib import Path
 import pytest
 
 
-def run_command(args: list[str], *, timeout: float, env: dict[str, str] | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_command(
+    args: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command the way a user would, in its own process group, killed on timeout."""
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=timeout)

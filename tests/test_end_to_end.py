@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import fedrad_command, run_command
 from safetensors.numpy import load_file
 
-from helpers import fedrad_command, run_command
 from server.loop import sha256_arrays
 
 pytestmark = pytest.mark.timeout(400)
@@ -20,8 +20,9 @@ SMALL = ["--image-size", "32", "--batch-size", "16", "--min-sites", "2"]
 def finished_run(sites_2d, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "run"
     result = run_command(
-        fedrad_command("simulate", str(sites_2d), "--out", str(run_dir),
-                       "--num-server-rounds", "2", *SMALL),
+        fedrad_command(
+            "simulate", str(sites_2d), "--out", str(run_dir), "--num-server-rounds", "2", *SMALL
+        ),
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-4000:]
@@ -94,8 +95,9 @@ def test_resume_continues_from_the_exact_checkpoint(sites_2d, tmp_path):
     run_dir = tmp_path / "run"
     common = [*SMALL, "--strategy", "fedadam"]
     first = run_command(
-        fedrad_command("simulate", str(sites_2d), "--out", str(run_dir),
-                       "--num-server-rounds", "1", *common),
+        fedrad_command(
+            "simulate", str(sites_2d), "--out", str(run_dir), "--num-server-rounds", "1", *common
+        ),
         timeout=300,
     )
     assert first.returncode == 0, first.stdout[-4000:]
@@ -104,8 +106,15 @@ def test_resume_continues_from_the_exact_checkpoint(sites_2d, tmp_path):
     saved_strategy = sha256_arrays(load_file(str(checkpoint / "strategy.safetensors")))
 
     second = run_command(
-        fedrad_command("simulate", str(sites_2d), "--resume-from", str(run_dir),
-                       "--num-server-rounds", "2", *common),
+        fedrad_command(
+            "simulate",
+            str(sites_2d),
+            "--resume-from",
+            str(run_dir),
+            "--num-server-rounds",
+            "2",
+            *common,
+        ),
         timeout=300,
     )
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
-
 from helpers import fedrad_command, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +40,30 @@ def test_flwr_run_and_fedrad_simulate_run_the_same_code(sites_2d, tmp_path, flwr
     assert flwr, "the flwr command is installed with fedrad"
     flwr_run = tmp_path / "flwr-run"
     fedrad_run = tmp_path / "fedrad-run"
-    overrides = (f"sites-dir='{sites_2d}' out-dir='{flwr_run}' num-server-rounds=1 "
-                 "image-size=32 batch-size=16")
+    overrides = (
+        f"sites-dir='{sites_2d}' out-dir='{flwr_run}' num-server-rounds=1 "
+        "image-size=32 batch-size=16"
+    )
 
     by_flwr = run_command(
         [flwr, "run", ".", "--stream", "--federation-config", "num-supernodes=2", "-c", overrides],
-        timeout=400, cwd=ROOT,
+        timeout=400,
+        cwd=ROOT,
         env={"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
     )
     by_fedrad = run_command(
-        fedrad_command("simulate", str(sites_2d), "--out", str(fedrad_run),
-                       "--num-server-rounds", "1", "--image-size", "32", "--batch-size", "16"),
+        fedrad_command(
+            "simulate",
+            str(sites_2d),
+            "--out",
+            str(fedrad_run),
+            "--num-server-rounds",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+        ),
         timeout=300,
     )
 

@@ -17,13 +17,13 @@ import pydicom
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_to_proto
+from helpers import fedrad_command, run_command
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fedrad import keys
 from fedrad.config import RunConfig
 from fedrad.synth import SynthConfig, write_consortium
-from helpers import fedrad_command, run_command
 from server.loop import initial_arrays, model_spec
 from server.strategies import numpy_to_arrays
 
@@ -31,22 +31,73 @@ pytestmark = pytest.mark.timeout(400)
 
 # PS3.15 Table E.1-1 (Basic Profile) attributes; those a file carries are all marked.
 BASIC_PROFILE = (
-    "AccessionNumber", "AcquisitionDate", "AcquisitionDateTime", "AcquisitionTime",
-    "AdditionalPatientHistory", "AdmittingDiagnosesDescription", "ContentDate", "ContentTime",
-    "DerivationDescription", "DeviceSerialNumber", "EthnicGroup", "FrameOfReferenceUID",
-    "ImageComments", "InstanceCreationDate", "InstanceCreationTime", "InstanceCreatorUID",
-    "InstitutionAddress", "InstitutionName", "InstitutionalDepartmentName", "IssuerOfPatientID",
-    "MedicalRecordLocator", "MilitaryRank", "NameOfPhysiciansReadingStudy", "Occupation",
-    "OperatorsName", "OtherPatientIDs", "OtherPatientNames", "PatientAddress", "PatientAge",
-    "PatientBirthDate", "PatientBirthTime", "PatientComments", "PatientID", "PatientName",
-    "PatientSex", "PatientSize", "PatientTelephoneNumbers", "PatientWeight",
-    "PerformedProcedureStepDescription", "PerformedProcedureStepID", "PerformingPhysicianName",
-    "PhysiciansOfRecord", "ProtocolName", "ReferringPhysicianName", "RequestingPhysician",
-    "SeriesDate", "SeriesDescription", "SeriesInstanceUID", "SeriesTime", "SOPInstanceUID",
-    "StationName", "StudyDate", "StudyDescription", "StudyID", "StudyInstanceUID", "StudyTime",
+    "AccessionNumber",
+    "AcquisitionDate",
+    "AcquisitionDateTime",
+    "AcquisitionTime",
+    "AdditionalPatientHistory",
+    "AdmittingDiagnosesDescription",
+    "ContentDate",
+    "ContentTime",
+    "DerivationDescription",
+    "DeviceSerialNumber",
+    "EthnicGroup",
+    "FrameOfReferenceUID",
+    "ImageComments",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "InstanceCreatorUID",
+    "InstitutionAddress",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "IssuerOfPatientID",
+    "MedicalRecordLocator",
+    "MilitaryRank",
+    "NameOfPhysiciansReadingStudy",
+    "Occupation",
+    "OperatorsName",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientAge",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientComments",
+    "PatientID",
+    "PatientName",
+    "PatientSex",
+    "PatientSize",
+    "PatientTelephoneNumbers",
+    "PatientWeight",
+    "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "ProtocolName",
+    "ReferringPhysicianName",
+    "RequestingPhysician",
+    "SeriesDate",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesTime",
+    "SOPInstanceUID",
+    "StationName",
+    "StudyDate",
+    "StudyDescription",
+    "StudyID",
+    "StudyInstanceUID",
+    "StudyTime",
 )
-ALWAYS_ADDED = ("PatientAddress", "OtherPatientIDs", "PatientComments", "StudyDescription",
-                "SeriesDescription", "OperatorsName", "ImageComments", "PatientTelephoneNumbers")
+ALWAYS_ADDED = (
+    "PatientAddress",
+    "OtherPatientIDs",
+    "PatientComments",
+    "StudyDescription",
+    "SeriesDescription",
+    "OperatorsName",
+    "ImageComments",
+    "PatientTelephoneNumbers",
+)
 
 
 class Markers:
@@ -105,8 +156,9 @@ def _plant(ds: Dataset, markers: Markers) -> None:
 @pytest.fixture(scope="module")
 def canary_sites(tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("canary")
-    write_consortium(out, SynthConfig(sites=2, seed=7, image_size=32, samples_per_site=40),
-                     overwrite=True)
+    write_consortium(
+        out, SynthConfig(sites=2, seed=7, image_size=32, samples_per_site=40), overwrite=True
+    )
     markers = Markers()
     for path in sorted(out.rglob("*.dcm")):
         ds = pydicom.dcmread(path)
@@ -142,14 +194,27 @@ def test_no_marker_in_any_message_a_site_sends(canary_sites, task_identity, mess
     sites, markers = canary_sites
     config = RunConfig(image_size=32, batch_size=16)
     spec = model_spec(config)
-    values = {k: v for k, v in config.to_user_config().items()
-              if k not in ("sites-dir", "out-dir", "resume-from")}
-    values.update({keys.MODEL_SPEC: json.dumps(spec.to_dict()), keys.SERVER_ROUND: 1,
-                   keys.SPLIT: "val"})
-    content = RecordDict({keys.ARRAYS: numpy_to_arrays(initial_arrays(spec, 0).items()),
-                          keys.CONFIG: ConfigRecord(values)})
-    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
-                      node_config={"data-dir": str(sites / "site-1"), "min-cell-count": 1})
+    values = {
+        k: v
+        for k, v in config.to_user_config().items()
+        if k not in ("sites-dir", "out-dir", "resume-from")
+    }
+    values.update(
+        {keys.MODEL_SPEC: json.dumps(spec.to_dict()), keys.SERVER_ROUND: 1, keys.SPLIT: "val"}
+    )
+    content = RecordDict(
+        {
+            keys.ARRAYS: numpy_to_arrays(initial_arrays(spec, 0).items()),
+            keys.CONFIG: ConfigRecord(values),
+        }
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        state=RecordDict(),
+        run_config={},
+        node_config={"data-dir": str(sites / "site-1"), "min-cell-count": 1},
+    )
     handler = train if message_type == "train" else evaluate
 
     reply = handler(Message(content, dst_node_id=1, message_type=message_type), context)
@@ -166,8 +231,19 @@ def test_no_marker_in_run_files_or_logs(canary_sites, tmp_path):
     run_dir = tmp_path / "run"
 
     result = run_command(
-        fedrad_command("-v", "simulate", str(sites), "--out", str(run_dir), "--num-server-rounds",
-                       "1", "--image-size", "32", "--batch-size", "16"),
+        fedrad_command(
+            "-v",
+            "simulate",
+            str(sites),
+            "--out",
+            str(run_dir),
+            "--num-server-rounds",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+        ),
         timeout=300,
     )
 

@@ -56,9 +56,13 @@ def _client_app():
             raise RuntimeError(f"test: partition {partition} fails at {action}")
         # Flower refuses a Context whose run config changed: hand the app a copy that shares
         # the node's state.
-        wired = Context(run_id=context.run_id, node_id=context.node_id,
-                        node_config=context.node_config, state=context.state,
-                        run_config={**context.run_config, "sites-dir": sites_dir})
+        wired = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=context.node_config,
+            state=context.state,
+            run_config={**context.run_config, "sites-dir": sites_dir},
+        )
         return call_next(msg, wired)
 
     app = ClientApp(mods=[test_wiring])
@@ -72,8 +76,11 @@ def _site_config(config, spec, server_round):
 
     from fedrad import keys
 
-    values = {k: v for k, v in config.to_user_config().items()
-              if k not in ("sites-dir", "out-dir", "resume-from")}
+    values = {
+        k: v
+        for k, v in config.to_user_config().items()
+        if k not in ("sites-dir", "out-dir", "resume-from")
+    }
     values.update({keys.MODEL_SPEC: json.dumps(spec.to_dict()), keys.SERVER_ROUND: server_round})
     return ConfigRecord(values)
 
@@ -86,8 +93,10 @@ def _plain_round(grid, nodes, arrays, site_config, server_round):
     from server.strategies import numpy_to_arrays
 
     content = RecordDict({keys.ARRAYS: numpy_to_arrays(arrays.items()), keys.CONFIG: site_config})
-    messages = [Message(content=content, message_type="train", dst_node_id=n,
-                        group_id=str(server_round)) for n in nodes]
+    messages = [
+        Message(content=content, message_type="train", dst_node_id=n, group_id=str(server_round))
+        for n in nodes
+    ]
     sites = {}
     for reply in grid.send_and_receive(messages, timeout=120):
         assert not reply.has_error(), reply.error
@@ -118,8 +127,9 @@ def _compare(result, sites, arrays):
         "max-excess-over-bound": excess,
         "num-examples": [result.totals["num-examples"], float(weights.sum())],
         "loss-sum": [result.totals["loss-sum"], sum(s["loss-sum"] for s in kept)],
-        "max-update": max(float(np.abs(s["arrays"][n] - arrays[n]).max())
-                          for s in kept for n in arrays),
+        "max-update": max(
+            float(np.abs(s["arrays"][n] - arrays[n]).max()) for s in kept for n in arrays
+        ),
     }
 
 
@@ -146,8 +156,14 @@ def _server_app(out: Path):
             sites = _plain_round(grid, nodes, arrays, site_config, server_round)
             plain_seconds = time.monotonic() - started
             result = secure_train_round(
-                grid, nodes, server_round=server_round, arrays=arrays, site_config=site_config,
-                threshold=THRESHOLD, clipping_range=CLIPPING_RANGE, timeout=120,
+                grid,
+                nodes,
+                server_round=server_round,
+                arrays=arrays,
+                site_config=site_config,
+                threshold=THRESHOLD,
+                clipping_range=CLIPPING_RANGE,
+                timeout=120,
                 quantisation_bits=QUANTISATION_BITS,
             )
             name = {f"node-{node}": s["site"] for node, s in sites.items()}
@@ -200,8 +216,11 @@ def report(tmp_path_factory):
     from fedrad.synth import SynthConfig, write_consortium
 
     sites = tmp_path_factory.mktemp("secure-sites")
-    write_consortium(sites, SynthConfig(sites=NUM_SITES, seed=11, kind="2d", image_size=32,
-                                        samples_per_site=20), overwrite=True)
+    write_consortium(
+        sites,
+        SynthConfig(sites=NUM_SITES, seed=11, kind="2d", image_size=32, samples_per_site=20),
+        overwrite=True,
+    )
     out = tmp_path_factory.mktemp("secure-run") / "report.json"
     # -P: the script's folder (tests/, with its own models/) must not shadow the packages
     result = run_command([sys.executable, "-P", __file__, str(sites), str(out)], timeout=360)
@@ -215,7 +234,10 @@ def test_secure_round_equals_fedavg_of_every_site(report, server_round):
     record = report[server_round]
 
     assert (record["status"], record["contributors"], record["dropped"]) == (
-        "completed", NUM_SITES, [])
+        "completed",
+        NUM_SITES,
+        [],
+    )
     assert record["max-update"] <= CLIPPING_RANGE
     assert record["max-error"] > 0  # it did go through quantisation
     assert record["max-excess-over-bound"] <= 0

@@ -90,10 +90,12 @@ def detect_kind(shape: tuple[int, ...], kind: str | None) -> ImageKind:
             "these are volumes of that many slices, or move the channels last "
             "(np.moveaxis(images, 1, -1)) for 2D images."
         )
-    wanted = {"2d": "(N, H, W) grey or (N, H, W, 3) RGB",
-              "3d": "(N, D, H, W)"}.get(kind or "", "(N, H, W), (N, H, W, 3) or (N, D, H, W)")
-    raise DataError(f"images of shape {shape} do not fit kind {kind or 'detection'}: "
-                    f"expected {wanted}.")
+    wanted = {"2d": "(N, H, W) grey or (N, H, W, 3) RGB", "3d": "(N, D, H, W)"}.get(
+        kind or "", "(N, H, W), (N, H, W, 3) or (N, D, H, W)"
+    )
+    raise DataError(
+        f"images of shape {shape} do not fit kind {kind or 'detection'}: expected {wanted}."
+    )
 
 
 def _digest(path: Path) -> str:
@@ -108,8 +110,10 @@ def _pixels(name: str, images: np.ndarray) -> np.ndarray:
     """Return ``images`` as uint8, accepting integer arrays that fit 0..255."""
     if images.dtype == np.uint8:
         return images
-    if np.issubdtype(images.dtype, np.integer) and images.size and (
-        int(images.min()) >= 0 and int(images.max()) <= 255
+    if (
+        np.issubdtype(images.dtype, np.integer)
+        and images.size
+        and (int(images.min()) >= 0 and int(images.max()) <= 255)
     ):
         return images.astype(np.uint8)
     raise DataError(
@@ -151,16 +155,21 @@ def load_archive(path: Path, *, kind: str | None = None) -> Archive:
         ``<split>_labels`` pair, or holds arrays of the wrong shape, type or count.
     """
     if not path.is_file():
-        raise DataError(f"{path} not found: give the path of a MedMNIST-format .npz archive "
-                        "(e.g. pneumoniamnist.npz).")
+        raise DataError(
+            f"{path} not found: give the path of a MedMNIST-format .npz archive "
+            "(e.g. pneumoniamnist.npz)."
+        )
     try:
         npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz archive ({exc.__class__.__name__}): "
-                        "give a file written by numpy.savez, as MedMNIST ships.") from None
+        raise DataError(
+            f"{path} is not a readable .npz archive ({exc.__class__.__name__}): "
+            "give a file written by numpy.savez, as MedMNIST ships."
+        ) from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise DataError(f"{path} holds a single array, not an .npz archive with "
-                        "train_images and train_labels.")
+        raise DataError(
+            f"{path} holds a single array, not an .npz archive with train_images and train_labels."
+        )
     with npz:
         keys = set(npz.files)
         splits = []
@@ -168,8 +177,10 @@ def load_archive(path: Path, *, kind: str | None = None) -> Archive:
             pair = {f"{name}_images", f"{name}_labels"}
             if len(pair & keys) == 1:
                 missing = (pair - keys).pop()
-                raise DataError(f"{path} has {(pair & keys).pop()} but no {missing}: each split "
-                                "needs both <split>_images and <split>_labels.")
+                raise DataError(
+                    f"{path} has {(pair & keys).pop()} but no {missing}: each split "
+                    "needs both <split>_images and <split>_labels."
+                )
             if pair <= keys:
                 splits.append(_read_split(npz, path, name))
     if not splits:
@@ -188,8 +199,10 @@ def _read_split(npz: np.lib.npyio.NpzFile, path: Path, name: str) -> Split:
         images = np.asarray(npz[f"{name}_images"])
         labels = np.asarray(npz[f"{name}_labels"])
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: split '{name}' cannot be read ({exc}); re-export the archive "
-                        "with numpy.savez (no object arrays).") from None
+        raise DataError(
+            f"{path}: split '{name}' cannot be read ({exc}); re-export the archive "
+            "with numpy.savez (no object arrays)."
+        ) from None
     images = _pixels(f"{name}_images", images)
     return Split(name, images, _labels(f"{name}_labels", labels, images.shape[0]))
 
@@ -198,8 +211,10 @@ def _common_kind(path: Path, splits: list[Split], kind: str | None) -> ImageKind
     """Check that every split holds images of one kind and shape; return that kind."""
     shapes = {s.images.shape[1:] for s in splits}
     if len(shapes) > 1:
-        raise DataError(f"{path}: splits hold images of different shapes "
-                        f"({', '.join(map(str, sorted(shapes)))}); one archive, one image size.")
+        raise DataError(
+            f"{path}: splits hold images of different shapes "
+            f"({', '.join(map(str, sorted(shapes)))}); one archive, one image size."
+        )
     image_kind = detect_kind(splits[0].images.shape, kind)
     if min(splits[0].images.shape[1:3]) < 1:
         raise DataError(f"{path}: images of shape {splits[0].images.shape} are empty.")

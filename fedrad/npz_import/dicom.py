@@ -44,7 +44,11 @@ def make_uid(digest: str, *keys: object) -> UID:
 
 
 def folder_template(
-    kind: ImageKind, shape: tuple[int, ...], *, modality: str, institution: str,
+    kind: ImageKind,
+    shape: tuple[int, ...],
+    *,
+    modality: str,
+    institution: str,
     description: str,
 ) -> Dataset:
     """Return the tags every file of one folder shares."""
@@ -81,16 +85,28 @@ def folder_template(
 
 
 def write_folder(
-    folder: Path, plan: FolderPlan, images: np.ndarray, labels: np.ndarray, kind: ImageKind,
-    *, modality: str, digest: str, description: str,
+    folder: Path,
+    plan: FolderPlan,
+    images: np.ndarray,
+    labels: np.ndarray,
+    kind: ImageKind,
+    *,
+    modality: str,
+    digest: str,
+    description: str,
 ) -> int:
     """Write the planned samples into ``folder`` with its ``labels.csv``; return the file count.
 
     2D: ``images/img-000001.dcm`` (id: that path). 3D: ``series/000001/slice-001.dcm`` per
     slice, one series per volume (id: its SeriesInstanceUID).
     """
-    template = folder_template(kind, images.shape[1:], modality=modality,
-                               institution=plan.name.split("/")[0], description=description)
+    template = folder_template(
+        kind,
+        images.shape[1:],
+        modality=modality,
+        institution=plan.name.split("/")[0],
+        description=description,
+    )
     writer = InstanceWriter(template)
     width = max(6, len(str(plan.indices.size)))
     folder.mkdir(parents=True)
@@ -117,8 +133,9 @@ def write_folder(
                 z = position * VOXEL_MM
                 instance.ImagePositionPatient = [0.0, 0.0, z]
                 instance.SliceLocation = z
-                writer.write(series_dir / f"slice-{position + 1:0{slice_width}d}.dcm", encoded,
-                             instance)
+                writer.write(
+                    series_dir / f"slice-{position + 1:0{slice_width}d}.dcm", encoded, instance
+                )
             sample_id, n_files = str(study.SeriesInstanceUID), n_files + volume.shape[0]
         else:
             sample_id = f"images/img-{number:0{width}d}.dcm"

@@ -45,9 +45,15 @@ class FolderSummary:
 
     def to_dict(self) -> dict[str, object]:
         """Plain, JSON-ready form (kebab-case keys; ``folder`` relative to OUT_DIR)."""
-        return {"name": self.name, "folder": self.name, "source-split": self.source_split,
-                "samples": self.n_samples, "files": self.n_files,
-                "class-counts": list(self.class_counts), "splits": dict(self.split_counts)}
+        return {
+            "name": self.name,
+            "folder": self.name,
+            "source-split": self.source_split,
+            "samples": self.n_samples,
+            "files": self.n_files,
+            "class-counts": list(self.class_counts),
+            "splits": dict(self.split_counts),
+        }
 
 
 @dataclass(frozen=True)
@@ -72,16 +78,31 @@ class ImportSummary:
 
     def to_dict(self) -> dict[str, object]:
         """Plain, JSON-ready form (kebab-case keys)."""
-        return {"source": self.source.name, "out-dir": str(self.out_dir), "kind": self.kind,
-                "split": self.split, "alpha": self.alpha, "seed": self.seed,
-                "modality": self.modality, "num-classes": self.num_classes,
-                "sites": [s.to_dict() for s in self.sites],
-                "holdouts": [h.to_dict() for h in self.holdouts]}
+        return {
+            "source": self.source.name,
+            "out-dir": str(self.out_dir),
+            "kind": self.kind,
+            "split": self.split,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "modality": self.modality,
+            "num-classes": self.num_classes,
+            "sites": [s.to_dict() for s in self.sites],
+            "holdouts": [h.to_dict() for h in self.holdouts],
+        }
 
 
 def import_npz(
-    path: Path, out_dir: Path, *, sites: int, split: str, alpha: float, seed: int,
-    val_fraction: float = 0.2, kind: str | None = None, modality: str = "OT",
+    path: Path,
+    out_dir: Path,
+    *,
+    sites: int,
+    split: str,
+    alpha: float,
+    seed: int,
+    val_fraction: float = 0.2,
+    kind: str | None = None,
+    modality: str = "OT",
     overwrite: bool = False,
 ) -> ImportSummary:
     """Write ``out_dir/site-1..N`` (and ``out_dir/holdout/<split>``) from a MedMNIST archive.
@@ -106,8 +127,13 @@ def import_npz(
     to_sites, holdouts = archive.splits[0], archive.splits[1:]
     if not len(to_sites):
         raise DataError(f"{path}: split '{to_sites.name}' is empty; nothing to give the sites.")
-    parts = partition(to_sites.labels, sites=sites, scheme=split, alpha=alpha,
-                      rng=np.random.default_rng([seed, 1]))
+    parts = partition(
+        to_sites.labels,
+        sites=sites,
+        scheme=split,
+        alpha=alpha,
+        rng=np.random.default_rng([seed, 1]),
+    )
     for entry in entries:
         logger.info("Removing %s (earlier import-npz output)", entry)
         if entry.is_dir():
@@ -118,21 +144,52 @@ def import_npz(
     options = (sites, split, alpha, seed, val_fraction, archive.kind, modality)
     digest = hashlib.sha256(f"{archive.digest}{options!r}".encode()).hexdigest()[:32]
     site_plans = [
-        FolderPlan(f"site-{i}", f"NPZ-site{i}", f"{path.name} {to_sites.name}", part,
-                   assign_val(to_sites.labels[part], val_fraction=val_fraction,
-                              rng=np.random.default_rng([seed, 2, i])))
+        FolderPlan(
+            f"site-{i}",
+            f"NPZ-site{i}",
+            f"{path.name} {to_sites.name}",
+            part,
+            assign_val(
+                to_sites.labels[part],
+                val_fraction=val_fraction,
+                rng=np.random.default_rng([seed, 2, i]),
+            ),
+        )
         for i, part in enumerate(parts, start=1)
     ]
-    site_summaries = tuple(_write(out_dir, p, to_sites, archive, modality, digest)
-                           for p in site_plans)
-    holdout_summaries = tuple(
-        _write(out_dir, FolderPlan(f"{HOLDOUT}/{s.name}", f"NPZ-{HOLDOUT}-{s.name}",
-                                   f"{path.name} {s.name}", np.arange(len(s)), ("test",) * len(s)),
-               s, archive, modality, digest)
-        for s in holdouts if len(s)
+    site_summaries = tuple(
+        _write(out_dir, p, to_sites, archive, modality, digest) for p in site_plans
     )
-    summary = ImportSummary(path, out_dir, archive.kind.label, split, alpha, seed, modality,
-                            archive.num_classes, site_summaries, holdout_summaries)
+    holdout_summaries = tuple(
+        _write(
+            out_dir,
+            FolderPlan(
+                f"{HOLDOUT}/{s.name}",
+                f"NPZ-{HOLDOUT}-{s.name}",
+                f"{path.name} {s.name}",
+                np.arange(len(s)),
+                ("test",) * len(s),
+            ),
+            s,
+            archive,
+            modality,
+            digest,
+        )
+        for s in holdouts
+        if len(s)
+    )
+    summary = ImportSummary(
+        path,
+        out_dir,
+        archive.kind.label,
+        split,
+        alpha,
+        seed,
+        modality,
+        archive.num_classes,
+        site_summaries,
+        holdout_summaries,
+    )
     (out_dir / MANIFEST_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary
 
@@ -150,18 +207,38 @@ def _check_modality(modality: str) -> None:
 
 
 def _write(
-    out_dir: Path, plan: FolderPlan, split: Split, archive: Archive, modality: str, digest: str,
+    out_dir: Path,
+    plan: FolderPlan,
+    split: Split,
+    archive: Archive,
+    modality: str,
+    digest: str,
 ) -> FolderSummary:
     folder = out_dir / plan.name
     labels = split.labels[plan.indices]
-    n_files = write_folder(folder, plan, split.images, split.labels, archive.kind,
-                           modality=modality, digest=digest,
-                           description=f"{archive.path.stem} {split.name}")
+    n_files = write_folder(
+        folder,
+        plan,
+        split.images,
+        split.labels,
+        archive.kind,
+        modality=modality,
+        digest=digest,
+        description=f"{archive.path.stem} {split.name}",
+    )
     names, counts = np.unique(np.asarray(plan.splits), return_counts=True)
-    logger.info("Wrote %s: %d samples from split '%s', %d DICOM files", folder,
-                plan.indices.size, split.name, n_files)
+    logger.info(
+        "Wrote %s: %d samples from split '%s', %d DICOM files",
+        folder,
+        plan.indices.size,
+        split.name,
+        n_files,
+    )
     return FolderSummary(
-        plan.name, folder, split.name, n_files,
+        plan.name,
+        folder,
+        split.name,
+        n_files,
         tuple(int(c) for c in np.bincount(labels, minlength=archive.num_classes)),
         tuple((str(n), int(c)) for n, c in zip(names, counts, strict=True)),
     )

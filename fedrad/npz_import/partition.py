@@ -44,7 +44,8 @@ def partition(
         parts = np.array_split(rng.permutation(n), sites)
     elif scheme == "size":
         sizes = MIN_SITE_SAMPLES + _apportion(
-            rng.dirichlet(np.full(sites, alpha)), n - sites * MIN_SITE_SAMPLES)
+            rng.dirichlet(np.full(sites, alpha)), n - sites * MIN_SITE_SAMPLES
+        )
         parts = np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
     else:
         parts = _dirichlet_parts(labels, sites, alpha, rng)
@@ -75,8 +76,9 @@ def _dirichlet_parts(
         owner[rng.choice(np.flatnonzero(owner == large), need, replace=False)] = small
         moved += need
     if moved:
-        logger.info("Moved %d sample(s) so that every site has at least %d", moved,
-                    MIN_SITE_SAMPLES)
+        logger.info(
+            "Moved %d sample(s) so that every site has at least %d", moved, MIN_SITE_SAMPLES
+        )
     return [np.flatnonzero(owner == site) for site in range(sites)]
 
 

@@ -66,9 +66,7 @@ class SynthConfig:
         )
         _check_int("image_size", self.image_size, 16, 1024, "64 is the usual choice")
         _check_int("slices", self.slices, 4, 512, "16 is the usual choice")
-        _check_int(
-            "samples_per_site", self.samples_per_site, MIN_SAMPLES, 100_000, "e.g. 200"
-        )
+        _check_int("samples_per_site", self.samples_per_site, MIN_SAMPLES, 100_000, "e.g. 200")
         _check_float(
             "subgroup_difficulty", self.subgroup_difficulty, 0.0, 1.0, "0 turns the effect off"
         )
@@ -82,9 +80,7 @@ class SynthConfig:
 def _check_int(name: str, value: object, low: int, high: int, hint: str) -> None:
     """Raise ValueError unless ``value`` is an int (not bool) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(
-            f"{name} must be an integer from {low} to {high}, got {value!r}: {hint}"
-        )
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}: {hint}")
 
 
 def _check_float(

@@ -95,17 +95,40 @@ def write_consortium(
             next_patient += count
         holdout_folder = out_dir / HOLDOUT_FOLDER
         holdout_files = write_folder(holdout_folder, parts, config, folder_key=HOLDOUT_KEY)
-    logger.info("Wrote %d sites%s to %s in %.1f s", len(profiles),
-                " and a holdout" if holdout_folder else "", out_dir,
-                time.perf_counter() - started)
-    return SynthSummary(out_dir, config.kind, config.seed, tuple(summaries), holdout_folder,
-                        sum(holdout_counts), holdout_files, HARD_SUBGROUP,
-                        HARD_SUBGROUP_DESCRIPTION, config.subgroup_contrast_factor)
+    logger.info(
+        "Wrote %d sites%s to %s in %.1f s",
+        len(profiles),
+        " and a holdout" if holdout_folder else "",
+        out_dir,
+        time.perf_counter() - started,
+    )
+    return SynthSummary(
+        out_dir,
+        config.kind,
+        config.seed,
+        tuple(summaries),
+        holdout_folder,
+        sum(holdout_counts),
+        holdout_files,
+        HARD_SUBGROUP,
+        HARD_SUBGROUP_DESCRIPTION,
+        config.subgroup_contrast_factor,
+    )
 
 
 def _site_summary(folder: Path, site: SiteProfile, n_files: int) -> SiteSummary:
     """Summarise one written site folder."""
-    return SiteSummary(site.name, folder, site.n_samples, n_files,
-                       round(site.n_positive / site.n_samples, 4), site.manufacturer,
-                       site.model, site.modality, site.institution, site.size, site.size,
-                       site.pixel_spacing)
+    return SiteSummary(
+        site.name,
+        folder,
+        site.n_samples,
+        n_files,
+        round(site.n_positive / site.n_samples, 4),
+        site.manufacturer,
+        site.model,
+        site.modality,
+        site.institution,
+        site.size,
+        site.size,
+        site.pixel_spacing,
+    )

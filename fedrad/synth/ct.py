@@ -100,11 +100,18 @@ def render_ct(
     base_x, base_y = _column(rng, n, 0.24, 0.29), _column(rng, n, 0.40, 0.48)
     axis_x, axis_y = base_x * taper, base_y * taper
     lung_params = (cx - half_gap, cx + half_gap, lung_y, base_x, base_y)
-    lungs = np.maximum(soft_ellipse(u, v, (cx - half_gap, lung_y), (axis_x, axis_y), 0.05),
-                       soft_ellipse(u, v, (cx + half_gap, lung_y), (axis_x, axis_y), 0.05))
+    lungs = np.maximum(
+        soft_ellipse(u, v, (cx - half_gap, lung_y), (axis_x, axis_y), 0.05),
+        soft_ellipse(u, v, (cx + half_gap, lung_y), (axis_x, axis_y), 0.05),
+    )
     spine = soft_ellipse(u, v, (cx, cy + 0.72 * by), (0.1, 0.1), edge=0.08)
-    hu = (HU_AIR + (HU_FAT - HU_AIR) * body + (HU_SOFT - HU_FAT) * inner
-          + (HU_BONE - HU_SOFT) * spine * (1 - lungs) + (HU_LUNG - HU_SOFT) * lungs)
+    hu = (
+        HU_AIR
+        + (HU_FAT - HU_AIR) * body
+        + (HU_SOFT - HU_FAT) * inner
+        + (HU_BONE - HU_SOFT) * spine * (1 - lungs)
+        + (HU_LUNG - HU_SOFT) * lungs
+    )
     texture = smooth_field(rng, n, (slices, size, size), 6)
     hu += (25.0 * texture + _vessels(rng, lung_params[:3], slices, size)) * lungs
     hu += _nodules(rng, lung_params, site, slices, contrast) * lungs

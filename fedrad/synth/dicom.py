@@ -31,8 +31,14 @@ SOP_CLASSES = {
 _META_GROUP_LENGTH, _MEDIA_SOP_INSTANCE = BaseTag(0x00020000), BaseTag(0x00020003)
 SYNTH_MARKER = "fedrad synth: synthetic phantom, not a patient"
 """DeidentificationMethod of every file written here; overwrite checks look for it."""
-CT_KERNELS = {"SIEMENS": "B30f", "GE MEDICAL SYSTEMS": "STANDARD", "Philips": "B",
-              "Canon Medical Systems": "FC13", "United Imaging": "B_SOFT_B", "TOSHIBA": "FC13"}
+CT_KERNELS = {
+    "SIEMENS": "B30f",
+    "GE MEDICAL SYSTEMS": "STANDARD",
+    "Philips": "B",
+    "Canon Medical Systems": "FC13",
+    "United Imaging": "B_SOFT_B",
+    "TOSHIBA": "FC13",
+}
 
 
 def make_uid(*keys: object) -> UID:
@@ -145,9 +151,7 @@ def instance_dataset(sop_uid: UID, pixels: np.ndarray, instance_number: int = 1)
     return ds
 
 
-def set_slice_position(
-    ds: Dataset, template: Dataset, position: int, slices: int
-) -> None:
+def set_slice_position(ds: Dataset, template: Dataset, position: int, slices: int) -> None:
     """Place ``ds`` as slice ``position`` (0-based, z up) of a centred axial stack."""
     half_width = (template.Rows - 1) / 2 * float(template.PixelSpacing[0])
     z = round((position - (slices - 1) / 2) * float(template.SliceThickness), 4)
@@ -191,11 +195,22 @@ class InstanceWriter:
     def write(self, path: Path, study: dict[BaseTag, bytes], instance: Dataset) -> None:
         """Write one file from pre-encoded ``study`` elements and an ``instance`` dataset."""
         elements = {**self._constant, **study, **encode_elements(instance, self.encoding)}
-        meta = {**self._meta, _MEDIA_SOP_INSTANCE: encode_element(
-            DataElement(_MEDIA_SOP_INSTANCE, "UI", instance.SOPInstanceUID), "iso8859")}
+        meta = {
+            **self._meta,
+            _MEDIA_SOP_INSTANCE: encode_element(
+                DataElement(_MEDIA_SOP_INSTANCE, "UI", instance.SOPInstanceUID), "iso8859"
+            ),
+        }
         meta_body = b"".join(meta[tag] for tag in sorted(meta))
         group_length = DataElement(_META_GROUP_LENGTH, "UL", len(meta_body))
-        path.write_bytes(b"".join([
-            b"\x00" * 128, b"DICM", encode_element(group_length, "iso8859"), meta_body,
-            *(elements[tag] for tag in sorted(elements)),
-        ]))
+        path.write_bytes(
+            b"".join(
+                [
+                    b"\x00" * 128,
+                    b"DICM",
+                    encode_element(group_length, "iso8859"),
+                    meta_body,
+                    *(elements[tag] for tag in sorted(elements)),
+                ]
+            )
+        )

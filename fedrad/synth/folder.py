@@ -72,18 +72,22 @@ def write_folder(
     total = sum(p.n_samples for p in parts)
     digest = hashlib.sha256(repr(config).encode()).hexdigest()[:16]
     target = _Target(folder, config, digest, max(5, len(str(total))))
-    positions = (np.random.default_rng([config.seed, 4]).permutation(total) if is_holdout
-                 else np.arange(total))
+    positions = (
+        np.random.default_rng([config.seed, 4]).permutation(total)
+        if is_holdout
+        else np.arange(total)
+    )
     folder.mkdir()
     rows: dict[int, tuple[str, int, str]] = {}
     n_files, start = 0, 0
     for part in (p for p in parts if p.n_samples):
         rng = np.random.default_rng([config.seed, 2, folder_key, part.site.index])
         draw_contrast = xray.draw_contrast if config.kind == "2d" else ct.draw_contrast
-        cohort = draw_cohort(rng, part.n_samples, part.n_positive, draw_contrast,
-                             config.subgroup_contrast_factor)
+        cohort = draw_cohort(
+            rng, part.n_samples, part.n_positive, draw_contrast, config.subgroup_contrast_factor
+        )
         splits = ("test",) * len(cohort) if is_holdout else assign_splits(rng, cohort.labels)
-        indices = positions[start:start + part.n_samples]
+        indices = positions[start : start + part.n_samples]
         written = _write_part(target, part, cohort, indices, rng)
         for i, (index, (sample_id, files)) in enumerate(zip(indices, written, strict=True)):
             rows[int(index)] = (sample_id, int(cohort.labels[i]), splits[i])
@@ -95,7 +99,10 @@ def write_folder(
 
 
 def _write_part(
-    target: _Target, part: Part, cohort: Cohort, indices: np.ndarray,
+    target: _Target,
+    part: Part,
+    cohort: Cohort,
+    indices: np.ndarray,
     rng: np.random.Generator,
 ) -> Iterator[tuple[str, int]]:
     """Render and write one part chunk by chunk; yield ``(id, files)`` per sample."""
@@ -104,7 +111,7 @@ def _write_part(
     writer = InstanceWriter(template)
     chunk = CHUNK_2D if is_2d else CHUNK_3D
     for start in range(0, len(cohort), chunk):
-        contrast = cohort.contrast[start:start + chunk]
+        contrast = cohort.contrast[start : start + chunk]
         if is_2d:
             images = xray.render_xrays(rng, part.site, contrast)
         else:
@@ -125,27 +132,42 @@ def _study_tags(
     target: _Target, cohort: Cohort, i: int, patient_number: int, index: int
 ) -> StudyTags:
     """Collect the patient, study and series values of sample ``i`` of ``cohort``."""
-    return StudyTags(patient_number, "F" if cohort.female[i] else "M", int(cohort.ages[i]),
-                     cohort.birth_dates[i], cohort.study_dates[i], cohort.study_times[i],
-                     target.uid(index, "study"), target.uid(index, "series"),
-                     target.uid(index, "frame"))
+    return StudyTags(
+        patient_number,
+        "F" if cohort.female[i] else "M",
+        int(cohort.ages[i]),
+        cohort.birth_dates[i],
+        cohort.study_dates[i],
+        cohort.study_times[i],
+        target.uid(index, "study"),
+        target.uid(index, "series"),
+        target.uid(index, "frame"),
+    )
 
 
 def _write_image(
-    target: _Target, writer: InstanceWriter, study: dict[BaseTag, bytes],
-    pixels: np.ndarray, index: int,
+    target: _Target,
+    writer: InstanceWriter,
+    study: dict[BaseTag, bytes],
+    pixels: np.ndarray,
+    index: int,
 ) -> str:
     """Write one 2D image as ``images/img-<index>.dcm``; return that relative path."""
     relative = f"images/img-{index + 1:0{target.width}d}.dcm"
     (target.folder / "images").mkdir(exist_ok=True)
-    writer.write(target.folder / relative, study,
-                 instance_dataset(target.uid(index, "sop"), pixels))
+    writer.write(
+        target.folder / relative, study, instance_dataset(target.uid(index, "sop"), pixels)
+    )
     return relative
 
 
 def _write_series(
-    target: _Target, writer: InstanceWriter, study: dict[BaseTag, bytes],
-    volume: np.ndarray, index: int, rng: np.random.Generator,
+    target: _Target,
+    writer: InstanceWriter,
+    study: dict[BaseTag, bytes],
+    volume: np.ndarray,
+    index: int,
+    rng: np.random.Generator,
 ) -> None:
     """Write one CT series as ``series/<index>/slice-<k>.dcm`` with shuffled ``k``."""
     series_dir = target.folder / "series" / str(index + 1)

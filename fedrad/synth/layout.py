@@ -54,8 +54,9 @@ def prepare_out_dir(out_dir: Path, names: Sequence[str], *, overwrite: bool) -> 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"OUT_DIR {out_dir} is a file: choose a directory path")
     entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
-    foreign = [e.name for e in entries
-               if not (_FOLDER_NAME.fullmatch(e.name) and is_synth_folder(e))]
+    foreign = [
+        e.name for e in entries if not (_FOLDER_NAME.fullmatch(e.name) and is_synth_folder(e))
+    ]
     if foreign:
         raise ValueError(
             f"OUT_DIR {out_dir} is not empty and does not look like fedrad synth output "
@@ -72,8 +73,9 @@ def prepare_out_dir(out_dir: Path, names: Sequence[str], *, overwrite: bool) -> 
         shutil.rmtree(out_dir / name)
     stale = [e.name for e in entries if e.name not in names]
     if stale:
-        logger.warning("Leaving %s in %s as they were: this run does not write them",
-                       ", ".join(stale), out_dir)
+        logger.warning(
+            "Leaving %s in %s as they were: this run does not write them", ", ".join(stale), out_dir
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
 

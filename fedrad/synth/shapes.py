@@ -69,8 +69,9 @@ def smooth_field(
     ctrl_shape = tuple(min(n_ctrl, s) for s in shape)
     field = rng.standard_normal((n, *ctrl_shape))
     for axis, (size, k) in enumerate(zip(shape, ctrl_shape, strict=True)):
-        field = np.moveaxis(np.tensordot(field, _basis(size, k), axes=([axis + 1], [1])), -1,
-                            axis + 1)
+        field = np.moveaxis(
+            np.tensordot(field, _basis(size, k), axes=([axis + 1], [1])), -1, axis + 1
+        )
     return field / field.std(axis=tuple(range(1, field.ndim)), keepdims=True).clip(1e-6)
 
 

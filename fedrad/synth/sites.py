@@ -27,11 +27,26 @@ CT_SCANNERS = (
     ("United Imaging", "uCT 760", "CT"),
     ("TOSHIBA", "Aquilion Prime", "CT"),
 )
-TOWNS = ("Northbrook", "Riverside", "St. Aldhelm", "Lakeview", "Hillcrest", "Eastmoor",
-         "Westbury", "Oakridge")
-HOSPITAL_KINDS = ("General Hospital", "University Hospital", "Medical Center",
-                  "Regional Hospital", "Clinic", "Community Hospital", "Infirmary",
-                  "Teaching Hospital")
+TOWNS = (
+    "Northbrook",
+    "Riverside",
+    "St. Aldhelm",
+    "Lakeview",
+    "Hillcrest",
+    "Eastmoor",
+    "Westbury",
+    "Oakridge",
+)
+HOSPITAL_KINDS = (
+    "General Hospital",
+    "University Hospital",
+    "Medical Center",
+    "Regional Hospital",
+    "Clinic",
+    "Community Hospital",
+    "Infirmary",
+    "Teaching Hospital",
+)
 CT_SLICE_THICKNESSES = (5.0, 6.0, 7.0)
 
 
@@ -91,24 +106,26 @@ def draw_site_profiles(config: SynthConfig) -> tuple[SiteProfile, ...]:
         size = 2 * round(config.image_size * resolution[i] / 2)
         is_2d = config.kind == "2d"
         field_of_view = rng.uniform(380.0, 430.0) if is_2d else rng.uniform(320.0, 400.0)
-        profiles.append(SiteProfile(
-            index=i + 1,
-            name=f"site-{i + 1}",
-            manufacturer=manufacturer,
-            model=model,
-            modality=modality,
-            institution=f"{TOWNS[town]} {HOSPITAL_KINDS[kind]}",
-            size=size,
-            pixel_spacing=round(field_of_view / size, 4),
-            slice_thickness=float(rng.choice(CT_SLICE_THICKNESSES)),
-            n_samples=n_samples,
-            n_positive=n_positive,
-            gain=rng.uniform(0.8, 1.15) if is_2d else rng.uniform(0.97, 1.03),
-            offset=rng.uniform(-0.04, 0.08) if is_2d else rng.uniform(-20.0, 20.0),
-            gamma=rng.uniform(0.8, 1.25) if is_2d else 1.0,
-            noise=float(0.008 + 0.03 * noise[i]) if is_2d else float(8.0 + 30.0 * noise[i]),
-            blur=float(blur[i]) * size / 64,
-        ))
+        profiles.append(
+            SiteProfile(
+                index=i + 1,
+                name=f"site-{i + 1}",
+                manufacturer=manufacturer,
+                model=model,
+                modality=modality,
+                institution=f"{TOWNS[town]} {HOSPITAL_KINDS[kind]}",
+                size=size,
+                pixel_spacing=round(field_of_view / size, 4),
+                slice_thickness=float(rng.choice(CT_SLICE_THICKNESSES)),
+                n_samples=n_samples,
+                n_positive=n_positive,
+                gain=rng.uniform(0.8, 1.15) if is_2d else rng.uniform(0.97, 1.03),
+                offset=rng.uniform(-0.04, 0.08) if is_2d else rng.uniform(-20.0, 20.0),
+                gamma=rng.uniform(0.8, 1.25) if is_2d else 1.0,
+                noise=float(0.008 + 0.03 * noise[i]) if is_2d else float(8.0 + 30.0 * noise[i]),
+                blur=float(blur[i]) * size / 64,
+            )
+        )
     return tuple(profiles)
 
 

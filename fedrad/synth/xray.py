@@ -30,6 +30,7 @@ class Thorax:
 
 def draw_thorax(rng: np.random.Generator, n: int) -> Thorax:
     """Draw body and lung ellipses of ``n`` patients (sizes and positions vary a little)."""
+
     def col(low: float, high: float) -> np.ndarray:
         return rng.uniform(low, high, (n, 1, 1))
 
@@ -48,8 +49,9 @@ def _anatomy(rng: np.random.Generator, thorax: Thorax, size: int) -> tuple[np.nd
     u, v = image_grid(size)
     n = thorax.centre[0].shape[0]
     body = soft_ellipse(u, v, thorax.centre, thorax.body_axes, edge=0.03)
-    lungs = np.maximum(*(soft_ellipse(u, v, c, thorax.lung_axes, edge=0.06)
-                         for c in thorax.lung_centres))
+    lungs = np.maximum(
+        *(soft_ellipse(u, v, c, thorax.lung_axes, edge=0.06) for c in thorax.lung_centres)
+    )
     # The heart shadow sits on the patient's left, which is the image's right.
     heart_centre = (thorax.centre[0] + 0.12, thorax.lung_centres[0][1] + 0.4)
     heart = soft_ellipse(u, v, heart_centre, (0.3, 0.24), edge=0.08)
@@ -75,8 +77,10 @@ def _lesions(
     lung_y = thorax.lung_centres[0][1]
     theta = rng.uniform(0, 2 * np.pi, (n, 1, 1))
     reach = 0.65 * np.sqrt(rng.random((n, 1, 1)))
-    centre = (lung_x + reach * thorax.lung_axes[0] * np.cos(theta),
-              lung_y + reach * thorax.lung_axes[1] * np.sin(theta))
+    centre = (
+        lung_x + reach * thorax.lung_axes[0] * np.cos(theta),
+        lung_y + reach * thorax.lung_axes[1] * np.sin(theta),
+    )
     radius = rng.uniform(*LESION_RADIUS, (n, 1, 1))
     axes = (radius, radius * rng.uniform(0.7, 1.0, (n, 1, 1)))
     shape = soft_ellipse(u, v, centre, axes, edge=0.15, angle=rng.uniform(0, np.pi, (n, 1, 1)))
@@ -89,9 +93,7 @@ def draw_contrast(rng: np.random.Generator, n: int) -> np.ndarray:
     return (BODY - LUNG) * np.exp(rng.uniform(low, high, n))
 
 
-def render_xrays(
-    rng: np.random.Generator, site: SiteProfile, contrast: np.ndarray
-) -> np.ndarray:
+def render_xrays(rng: np.random.Generator, site: SiteProfile, contrast: np.ndarray) -> np.ndarray:
     """Render one chest X-ray per entry of ``contrast`` (0 = no finding) as 12-bit ``uint16``.
 
     The random stream consumed does not depend on ``contrast``, so changing only

@@ -365,9 +365,7 @@ def session_from_bytes(data: bytes) -> ClientSession:
             "_encryption_key": keys.load_private_key(_unb64(raw["encryption-key"])),
             "_mask_key": keys.load_private_key(_unb64(raw["mask-key"])),
             "_peer_mask_keys": {_id(p): _unb64(k) for p, k in raw["peer-mask-keys"]},
-            "_peer_encryption_keys": {
-                _id(p): _unb64(k) for p, k in raw["peer-encryption-keys"]
-            },
+            "_peer_encryption_keys": {_id(p): _unb64(k) for p, k in raw["peer-encryption-keys"]},
             "_self_mask_seed": _unb64(raw["self-mask-seed"]),
             "_held": {_id(o): (_unb64(s), _unb64(k)) for o, s, k in raw["held"]},
             "_masking_peers": frozenset(validate_ids(raw["masking-peers"], what="peers")),

@@ -41,7 +41,8 @@ def test_cached_pass_decodes_nothing_and_gives_identical_samples(site, tmp_path,
     assert decoded_first == len(first)
     assert len(counted_ingest) == decoded_first  # nothing decoded on the second pass
     assert [s.id for s in first.samples] == [s.id for s in second.samples]
-    assert all(torch.equal(a.image, b.image) for a, b in zip(first.samples, second.samples))
+    pairs = zip(first.samples, second.samples, strict=True)
+    assert all(torch.equal(a.image, b.image) for a, b in pairs)
 
 
 def test_a_changed_file_is_decoded_again(site, tmp_path, counted_ingest):
@@ -61,8 +62,9 @@ def test_a_new_transform_never_serves_stale_tensors(site, tmp_path):
     settings = IngestSettings(cache_root=tmp_path / "cache")
     load_site(site, CONFIG, num_classes=2, settings=settings)
 
-    bigger = load_site(site, TransformConfig(kind="2d", image_size=48), num_classes=2,
-                       settings=settings)
+    bigger = load_site(
+        site, TransformConfig(kind="2d", image_size=48), num_classes=2, settings=settings
+    )
 
     assert all(tuple(s.image.shape) == (1, 48, 48) for s in bigger.samples)
 
@@ -90,4 +92,5 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(site, tmp_path):
 
     again = load_site(site, CONFIG, num_classes=2, settings=settings)
 
-    assert all(torch.equal(a.image, b.image) for a, b in zip(reference.samples, again.samples))
+    pairs = zip(reference.samples, again.samples, strict=True)
+    assert all(torch.equal(a.image, b.image) for a, b in pairs)

@@ -30,10 +30,15 @@ def test_loads_synth_3d_series_in_position_order(sites_3d):
     site = sites_3d / "site-1"
     dataset = load_site(site, CONFIG_3D, num_classes=2)
     sample = dataset.samples[0]
-    files = [p for p in site.rglob("*.dcm")
-             if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == sample.id]
+    files = [
+        p
+        for p in site.rglob("*.dcm")
+        if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == sample.id
+    ]
     by_position = sorted(files, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
-    expected = np.stack([pydicom.dcmread(p).pixel_array.astype(np.float32).mean() for p in by_position])
+    expected = np.stack(
+        [pydicom.dcmread(p).pixel_array.astype(np.float32).mean() for p in by_position]
+    )
 
     profile = sample.image[0].mean(dim=(1, 2)).numpy()
 
@@ -130,6 +135,8 @@ def test_bad_labels_file_is_explained(tmp_path, content, message):
         load_site(site, CONFIG_2D, num_classes=2)
 
 
-@pytest.mark.parametrize(("age", "band"), [(None, "unknown"), (5, "0-9"), (45, "40-49"), (97, "90+")])
+@pytest.mark.parametrize(
+    ("age", "band"), [(None, "unknown"), (5, "0-9"), (45, "40-49"), (97, "90+")]
+)
 def test_age_band_coarsens(age, band):
     assert age_band(age) == band

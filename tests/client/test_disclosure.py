@@ -11,8 +11,14 @@ from fedrad import keys
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("SIEMENS", "siemens"), ("GE MEDICAL SYSTEMS", "ge"), ("TOSHIBA_MEC", "canon"),
-     ("FUJIFILM Corporation", "fujifilm"), ("Dr. John Smith", "other"), ("", "other")],
+    [
+        ("SIEMENS", "siemens"),
+        ("GE MEDICAL SYSTEMS", "ge"),
+        ("TOSHIBA_MEC", "canon"),
+        ("FUJIFILM Corporation", "fujifilm"),
+        ("Dr. John Smith", "other"),
+        ("", "other"),
+    ],
 )
 def test_vendor_maps_free_text_onto_closed_vocabulary(raw, expected):
     assert vendor(raw) == expected
@@ -32,8 +38,12 @@ def test_small_cells_are_suppressed():
 
     counts = subgroup_counts(samples, min_cell_count=10)
 
-    assert counts == {"sex=F": 12, "age-band=40-49": 12, "manufacturer=philips": 15,
-                      "modality=CT": 15}
+    assert counts == {
+        "sex=F": 12,
+        "age-band=40-49": 12,
+        "manufacturer=philips": 15,
+        "modality=CT": 15,
+    }
 
 
 def _reply(**records):

@@ -28,8 +28,9 @@ def _stored(storage: str) -> tuple[np.ndarray, np.ndarray]:
     if storage == "ras":
         return ras, np.diag([sx, sy, sz, 1.0])
     if storage == "lps":  # as ITK / dcm2niix write it: x and y voxel axes flipped
-        affine = np.array([[-sx, 0, 0, sx * (X - 1)], [0, -sy, 0, sy * (Y - 1)],
-                           [0, 0, sz, 0], [0, 0, 0, 1.0]])
+        affine = np.array(
+            [[-sx, 0, 0, sx * (X - 1)], [0, -sy, 0, sy * (Y - 1)], [0, 0, sz, 0], [0, 0, 0, 1.0]]
+        )
         return np.ascontiguousarray(ras[::-1, ::-1, :]), affine
     # sagittal acquisition: voxel axis 0 runs along z, axis 2 along x
     affine = np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1.0]])

@@ -57,8 +57,13 @@ EXPECTED = {
     "zipMR.gz": "not-dicom",
 }
 MUTATION_SOURCES = (
-    "CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
-    "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_gdcm.dcm",
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
     "SC_rgb_dcmtk_+eb+cr.dcm",
 )
 NATIVE_SOURCES = ("CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm")
@@ -135,8 +140,10 @@ def test_truncated_file_detail_says_how_much_is_missing():
 
 def test_scan_of_pydicom_folder_matches_check_file_and_is_sorted():
     report = scan_folder(TEST_FILES, workers=2, max_bytes=MAX_BYTES)
-    single = {p.relative_to(TEST_FILES).as_posix(): _outcome(check_file(p, max_bytes=MAX_BYTES))
-              for p in ALL_TEST_FILES}
+    single = {
+        p.relative_to(TEST_FILES).as_posix(): _outcome(check_file(p, max_bytes=MAX_BYTES))
+        for p in ALL_TEST_FILES
+    }
     outcomes = {
         **{a.path: "accepted" for a in report.accepted},
         **{d: "accepted" for d, _ in report.duplicates},
@@ -150,10 +157,20 @@ def test_scan_of_pydicom_folder_matches_check_file_and_is_sorted():
 
 def test_reason_codes_are_documented():
     assert set(QUARANTINE_REASONS) == set(REASON_HELP)
-    assert {"not-dicom", "too-large", "truncated", "pixel-data-length", "undecodable",
-            "unsupported-transfer-syntax", "missing-tags", "unsupported-object",
-            "no-pixel-data", "burned-in-annotation", "decode-timeout",
-            "worker-crashed"} <= set(QUARANTINE_REASONS)
+    assert {
+        "not-dicom",
+        "too-large",
+        "truncated",
+        "pixel-data-length",
+        "undecodable",
+        "unsupported-transfer-syntax",
+        "missing-tags",
+        "unsupported-object",
+        "no-pixel-data",
+        "burned-in-annotation",
+        "decode-timeout",
+        "worker-crashed",
+    } <= set(QUARANTINE_REASONS)
     assert all(REASON_HELP[code] for code in QUARANTINE_REASONS)
 
 
@@ -172,14 +189,16 @@ def _byte_damages(rng: np.random.Generator, data: bytes) -> dict[str, bytes]:
         "cut-in-pixels": data[: int(rng.integers(pixels + 12, size))],
         "cut-in-header": data[: int(rng.integers(132, pixels + 12))],
     }
-    for kind, low, high, flips in (("flip-header", 132, pixels + 12, 6),
-                                   ("flip-pixels", pixels + 12, size, 30)):
+    for kind, low, high, flips in (
+        ("flip-header", 132, pixels + 12, 6),
+        ("flip-pixels", pixels + 12, size, 30),
+    ):
         buffer = bytearray(data)
         for _ in range(int(rng.integers(1, flips + 1))):
             buffer[int(rng.integers(low, high))] ^= 1 << int(rng.integers(8))
         damaged[kind] = bytes(buffer)
     at = int(rng.integers(128, size - 4))
-    damaged["overwrite"] = data[:at] + rng.bytes(4) + data[at + 4:]
+    damaged["overwrite"] = data[:at] + rng.bytes(4) + data[at + 4 :]
     return damaged
 
 
@@ -251,23 +270,32 @@ def test_damaged_files_accepted_only_if_plain_pydicom_decodes_them(damaged_site,
     checked = [(path, by_path[path]) for path in by_path]
     checked += [(dup, by_path[original]) for dup, original in damaged_report.duplicates]
 
-    wrong = [(path, _decoded_shape(damaged_site / path)) for path, accepted in checked
-             if _decoded_shape(damaged_site / path) != _shape(accepted)]
+    wrong = [
+        (path, _decoded_shape(damaged_site / path))
+        for path, accepted in checked
+        if _decoded_shape(damaged_site / path) != _shape(accepted)
+    ]
 
     assert len(checked) > 50 and wrong == []
 
 
-@pytest.mark.parametrize(("pattern", "reasons"), [
-    ("*-random.dcm", {"not-dicom"}),
-    ("*-png.png", {"not-dicom"}),
-    ("*-csv.csv", {"not-dicom"}),
-    ("empty.dcm", {"not-dicom"}),
-    ("*-dicm.dcm", {"truncated", "malformed", "missing-tags", "not-dicom"}),
-    ("*~cut-in-pixels~*", {"truncated"}),
-    ("*~cut-in-header~*", {"truncated", "no-pixel-data", "missing-tags", "not-dicom"}),
-    *[(f"{Path(n).stem}~{kind}.dcm", {"pixel-data-length"})
-      for n in NATIVE_SOURCES for kind in ("rows", "columns", "frames")],
-])
+@pytest.mark.parametrize(
+    ("pattern", "reasons"),
+    [
+        ("*-random.dcm", {"not-dicom"}),
+        ("*-png.png", {"not-dicom"}),
+        ("*-csv.csv", {"not-dicom"}),
+        ("empty.dcm", {"not-dicom"}),
+        ("*-dicm.dcm", {"truncated", "malformed", "missing-tags", "not-dicom"}),
+        ("*~cut-in-pixels~*", {"truncated"}),
+        ("*~cut-in-header~*", {"truncated", "no-pixel-data", "missing-tags", "not-dicom"}),
+        *[
+            (f"{Path(n).stem}~{kind}.dcm", {"pixel-data-length"})
+            for n in NATIVE_SOURCES
+            for kind in ("rows", "columns", "frames")
+        ],
+    ],
+)
 def test_each_damage_gets_its_specific_reason(damaged_site, damaged_report, pattern, reasons):
     outcomes = _outcomes(damaged_report)
     names = sorted(p.name for p in damaged_site.glob(pattern))
@@ -277,8 +305,12 @@ def test_each_damage_gets_its_specific_reason(damaged_site, damaged_report, patt
 
 def test_compressed_files_with_wrong_geometry_are_not_accepted(damaged_report):
     outcomes = _outcomes(damaged_report)
-    compressed = [f"{Path(n).stem}~{kind}.dcm" for n in MUTATION_SOURCES if n not in NATIVE_SOURCES
-                  for kind in ("rows", "columns", "frames")]
+    compressed = [
+        f"{Path(n).stem}~{kind}.dcm"
+        for n in MUTATION_SOURCES
+        if n not in NATIVE_SOURCES
+        for kind in ("rows", "columns", "frames")
+    ]
 
     assert {name: outcomes[name] for name in compressed if outcomes[name] == "accepted"} == {}
 
@@ -318,11 +350,14 @@ def test_a_hanging_file_times_out_and_the_scan_goes_on(small_site, workers):
     assert len(report.accepted) == 4
 
 
-@pytest.mark.parametrize(("name", "detail"), [
-    ("exit.dcm", "exit code 3"),
-    ("segfault.dcm", "SIGSEGV"),
-    ("memory.dcm", "MemoryError"),
-])
+@pytest.mark.parametrize(
+    ("name", "detail"),
+    [
+        ("exit.dcm", "exit code 3"),
+        ("segfault.dcm", "SIGSEGV"),
+        ("memory.dcm", "MemoryError"),
+    ],
+)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_worker_that_dies_costs_one_file(small_site, workers, name, detail):
     shutil.copy(TEST_FILES / "CT_small.dcm", small_site / name)
@@ -383,10 +418,13 @@ def test_pixels_that_would_decode_too_large_are_refused(tmp_path):
     assert result.reason == "too-large" and "decode" in result.detail
 
 
-@pytest.mark.parametrize(("first", "second"), [
-    ("MR_small.dcm", "MR_small.dcm"),  # the same bytes
-    ("MR_small.dcm", "MR_small_implicit.dcm"),  # the same SOPInstanceUID, other encoding
-])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("MR_small.dcm", "MR_small.dcm"),  # the same bytes
+        ("MR_small.dcm", "MR_small_implicit.dcm"),  # the same SOPInstanceUID, other encoding
+    ],
+)
 def test_a_duplicate_is_reported_and_accepted_once(tmp_path, first, second):
     shutil.copy(TEST_FILES / first, tmp_path / "a.dcm")
     (tmp_path / "sub").mkdir()
@@ -433,15 +471,18 @@ def _edited(tmp_path: Path, name: str, edit) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("edit", "reason", "detail"), [
-    (lambda ds: setattr(ds, "BurnedInAnnotation", "YES"), "burned-in-annotation", "YES"),
-    (lambda ds: delattr(ds, "Rows"), "missing-tags", "Rows"),
-    (lambda ds: delattr(ds, "SOPInstanceUID"), "missing-tags", "SOPInstanceUID"),
-    (lambda ds: delattr(ds, "PixelData"), "no-pixel-data", "PixelData"),
-    (lambda ds: setattr(ds, "Modality", "SR"), "unsupported-object", "structured report"),
-    (lambda ds: setattr(ds, "BitsAllocated", 12), "malformed", "BitsAllocated 12"),
-    (_as_mpeg2, "unsupported-transfer-syntax", "MPEG2"),
-])
+@pytest.mark.parametrize(
+    ("edit", "reason", "detail"),
+    [
+        (lambda ds: setattr(ds, "BurnedInAnnotation", "YES"), "burned-in-annotation", "YES"),
+        (lambda ds: delattr(ds, "Rows"), "missing-tags", "Rows"),
+        (lambda ds: delattr(ds, "SOPInstanceUID"), "missing-tags", "SOPInstanceUID"),
+        (lambda ds: delattr(ds, "PixelData"), "no-pixel-data", "PixelData"),
+        (lambda ds: setattr(ds, "Modality", "SR"), "unsupported-object", "structured report"),
+        (lambda ds: setattr(ds, "BitsAllocated", 12), "malformed", "BitsAllocated 12"),
+        (_as_mpeg2, "unsupported-transfer-syntax", "MPEG2"),
+    ],
+)
 def test_header_problems_get_specific_reasons(tmp_path, monkeypatch, edit, reason, detail):
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     path = _edited(tmp_path, "CT_small.dcm", edit)

@@ -1,7 +1,7 @@
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedrad.config import RUN_CONFIG_HELP, NodeConfig, RunConfig, parse_overrides
 from fedrad.errors import ConfigError

@@ -21,8 +21,9 @@ SHAPES = {"grey": (28, 28), "rgb": (28, 28, 3), "3d": (8, 28, 28)}
 N_TRAIN, N_HOLDOUT = 60, 20
 
 
-def _arrays(kind: str, splits: dict[str, int], *, seed: int = 0,
-            positive: float = 0.5) -> dict[str, np.ndarray]:
+def _arrays(
+    kind: str, splits: dict[str, int], *, seed: int = 0, positive: float = 0.5
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, count in splits.items():
@@ -61,6 +62,7 @@ def imports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Importe
             summary = _import(_save(base / "bench.npz", arrays), base / "out")
             done[kind] = Imported(kind, arrays, base / "out", summary)
         return done[kind]
+
     return get
 
 
@@ -80,8 +82,9 @@ def _read_samples(folder: Path, kind: str) -> dict[str, tuple[np.ndarray, list]]
     """Per labelled id: its pixels (3D: slices stacked by InstanceNumber) and its datasets."""
     ids = [row["id"] for row in _rows(folder)]
     if kind != "3d":
-        return {i: (ds.pixel_array, [ds]) for i, ds in
-                ((i, pydicom.dcmread(folder / i)) for i in ids)}
+        return {
+            i: (ds.pixel_array, [ds]) for i, ds in ((i, pydicom.dcmread(folder / i)) for i in ids)
+        }
     by_series: dict[str, list] = {}
     for ds in map(pydicom.dcmread, sorted(folder.rglob("*.dcm"))):
         by_series.setdefault(ds.SeriesInstanceUID, []).append(ds)
@@ -98,8 +101,9 @@ def _read_sample(folder: Path, sample_id: str, kind: str) -> tuple[np.ndarray, l
 
 def _folder_pixels(folder: Path, kind: str) -> dict[str, tuple[np.ndarray, int, str]]:
     samples = _read_samples(folder, kind)
-    return {row["id"]: (samples[row["id"]][0], int(row["label"]), row["split"])
-            for row in _rows(folder)}
+    return {
+        row["id"]: (samples[row["id"]][0], int(row["label"]), row["split"]) for row in _rows(folder)
+    }
 
 
 def test_every_sample_is_its_source_image_with_its_label(imported):
@@ -109,8 +113,11 @@ def test_every_sample_is_its_source_image_with_its_label(imported):
         expected = {images[i].tobytes(): int(labels[i, 0]) for i in range(len(images))}
         folders = sorted(imported.out.glob(f"{prefix}*"))
 
-        found = [(pixels.tobytes(), label) for folder in folders
-                 for pixels, label, _ in _folder_pixels(folder, imported.kind).values()]
+        found = [
+            (pixels.tobytes(), label)
+            for folder in folders
+            for pixels, label, _ in _folder_pixels(folder, imported.kind).values()
+        ]
 
         assert len(found) == len(expected)  # each source image exactly once
         assert dict(found) == expected
@@ -151,7 +158,10 @@ def test_colour_layout_follows_the_kind(imported):
 
     if imported.kind == "rgb":
         assert (ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration) == (
-            3, "RGB", 0)
+            3,
+            "RGB",
+            0,
+        )
     else:
         assert (ds.SamplesPerPixel, ds.PhotometricInterpretation) == (1, "MONOCHROME2")
 
@@ -176,8 +186,9 @@ def test_holdouts_are_whole_splits_marked_test(imported):
     rows = {name: _rows(imported.out / name) for name in names}
 
     assert names == ["holdout/val", "holdout/test"]
-    assert all(len(r) == N_HOLDOUT and {row["split"] for row in r} == {"test"}
-               for r in rows.values())
+    assert all(
+        len(r) == N_HOLDOUT and {row["split"] for row in r} == {"test"} for r in rows.values()
+    )
     assert json.loads((imported.out / MANIFEST_FILE).read_text())["holdouts"][0]["samples"] == 20
 
 
@@ -194,8 +205,11 @@ def test_iid_sites_are_about_equal_and_split_train_val(imported):
 @pytest.mark.parametrize("kind", ["grey", "3d"])
 def test_load_site_reads_an_imported_site(imports, kind):
     imported = imports(kind)
-    config = (TransformConfig(kind="2d", image_size=28, in_channels=1) if kind == "grey"
-              else TransformConfig(kind="3d", image_size=28, slices=8))
+    config = (
+        TransformConfig(kind="2d", image_size=28, in_channels=1)
+        if kind == "grey"
+        else TransformConfig(kind="3d", image_size=28, slices=8)
+    )
 
     dataset = load_site(imported.out / "site-1", config, num_classes=2)
 
@@ -230,8 +244,11 @@ def test_size_split_gives_unequal_sites(tmp_path):
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != MANIFEST_FILE}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
 
 
 @pytest.mark.parametrize(("seed_again", "same"), [(0, True), (1, False)])
@@ -256,14 +273,17 @@ def test_archive_with_one_split_goes_to_the_sites(tmp_path, only):
 
 
 def test_odd_sized_images_round_trip(tmp_path):
-    arrays = {"train_images": np.random.default_rng(5).integers(0, 256, (12, 27, 27), np.uint8),
-              "train_labels": np.arange(12) % 2}
+    arrays = {
+        "train_images": np.random.default_rng(5).integers(0, 256, (12, 27, 27), np.uint8),
+        "train_labels": np.arange(12) % 2,
+    }
     summary = _import(_save(tmp_path / "a.npz", arrays), tmp_path / "out", sites=1)
 
     pixels = _folder_pixels(summary.sites[0].folder, "grey")
 
     assert sorted(p.tobytes() for p, _, _ in pixels.values()) == sorted(
-        i.tobytes() for i in arrays["train_images"])
+        i.tobytes() for i in arrays["train_images"]
+    )
 
 
 def test_overwrite_replaces_an_earlier_import(tmp_path):
@@ -273,7 +293,10 @@ def test_overwrite_replaces_an_earlier_import(tmp_path):
     summary = _import(archive, tmp_path / "out", sites=2, overwrite=True)
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        MANIFEST_FILE, "site-1", "site-2"]
+        MANIFEST_FILE,
+        "site-1",
+        "site-2",
+    ]
     assert sum(s.n_samples for s in summary.sites) == 40
 
 
@@ -295,8 +318,12 @@ def test_kind_from_shape(shape, kind, expected):
 
 @pytest.mark.parametrize(
     ("shape", "kind", "phrase"),
-    [((5, 3, 28, 28), None, "ambiguous"), ((5, 28, 28), "3d", "do not fit"),
-     ((5, 8, 28, 28), "2d", "do not fit"), ((5, 28), None, "do not fit")],
+    [
+        ((5, 3, 28, 28), None, "ambiguous"),
+        ((5, 28, 28), "3d", "do not fit"),
+        ((5, 8, 28, 28), "2d", "do not fit"),
+        ((5, 28), None, "do not fit"),
+    ],
 )
 def test_kind_that_cannot_be_told_is_refused(shape, kind, phrase):
     with pytest.raises(DataError, match=phrase):
@@ -306,6 +333,7 @@ def test_kind_that_cannot_be_told_is_refused(shape, kind, phrase):
 def _write_archive(arrays: dict[str, np.ndarray]):
     def make(tmp_path: Path) -> Path:
         return _save(tmp_path / "a.npz", arrays)
+
     return make
 
 
@@ -334,17 +362,43 @@ _IMAGES = _GOOD["train_images"]
         (_npy_file, {}, DataError, "single array"),
         (_write_archive({"x_images": _IMAGES}), {}, DataError, "holds no MedMNIST split"),
         (_write_archive({"train_images": _IMAGES}), {}, DataError, "no train_labels"),
-        (_write_archive({"train_images": _IMAGES, "train_labels": np.zeros(39, int)}), {},
-         DataError, "holds 39 labels but its images hold 40"),
-        (_write_archive({"train_images": _IMAGES, "train_labels": np.zeros((40, 14), int)}), {},
-         DataError, "multi-label"),
-        (_write_archive({"train_images": _IMAGES, "train_labels": -np.ones(40, int)}), {},
-         DataError, "negative label"),
-        (_write_archive({"train_images": _IMAGES / 255.0, "train_labels": np.zeros(40, int)}),
-         {}, DataError, "uint8"),
-        (_write_archive({"train_images": _IMAGES, "train_labels": np.zeros(40, int),
-                         "test_images": _IMAGES[:, :20], "test_labels": np.zeros(40, int)}),
-         {}, DataError, "different shapes"),
+        (
+            _write_archive({"train_images": _IMAGES, "train_labels": np.zeros(39, int)}),
+            {},
+            DataError,
+            "holds 39 labels but its images hold 40",
+        ),
+        (
+            _write_archive({"train_images": _IMAGES, "train_labels": np.zeros((40, 14), int)}),
+            {},
+            DataError,
+            "multi-label",
+        ),
+        (
+            _write_archive({"train_images": _IMAGES, "train_labels": -np.ones(40, int)}),
+            {},
+            DataError,
+            "negative label",
+        ),
+        (
+            _write_archive({"train_images": _IMAGES / 255.0, "train_labels": np.zeros(40, int)}),
+            {},
+            DataError,
+            "uint8",
+        ),
+        (
+            _write_archive(
+                {
+                    "train_images": _IMAGES,
+                    "train_labels": np.zeros(40, int),
+                    "test_images": _IMAGES[:, :20],
+                    "test_labels": np.zeros(40, int),
+                }
+            ),
+            {},
+            DataError,
+            "different shapes",
+        ),
         (_write_archive(_GOOD), {"alpha": 0.0}, ConfigError, "alpha must be positive"),
         (_write_archive(_GOOD), {"alpha": -1.0}, ConfigError, "alpha must be positive"),
         (_write_archive(_GOOD), {"sites": 0}, ConfigError, "sites must be at least 1"),
@@ -365,7 +419,8 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, make, options, erro
 
 
 @pytest.mark.parametrize(
-    ("overwrite", "phrase"), [(False, "is not empty"), (True, "import-npz did not write")])
+    ("overwrite", "phrase"), [(False, "is not empty"), (True, "import-npz did not write")]
+)
 def test_out_dir_with_other_files_is_left_alone(tmp_path, overwrite, phrase):
     archive = _save(tmp_path / "a.npz", _GOOD)
     (tmp_path / "out").mkdir()
@@ -385,15 +440,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_command_writes_and_prints_one_line_summary(tmp_path, capsys):
     archive = _save(tmp_path / "a.npz", _arrays("grey", {"train": 40, "test": 10}))
-    args = _parser().parse_args(["import-npz", str(archive), str(tmp_path / "out"),
-                                 "--sites", "2", "--split", "size", "--modality", "cr"])
+    args = _parser().parse_args(
+        [
+            "import-npz",
+            str(archive),
+            str(tmp_path / "out"),
+            "--sites",
+            "2",
+            "--split",
+            "size",
+            "--modality",
+            "cr",
+        ]
+    )
 
     code = args.handler(args)
 
     printed = capsys.readouterr().out
     assert code == 0
     assert "wrote 2 site folder(s) with 40 samples and holdout folder(s) holdout/test (10)" in (
-        " ".join(printed.split()))
+        " ".join(printed.split())
+    )
     assert pydicom.dcmread(next((tmp_path / "out" / "site-1").rglob("*.dcm"))).Modality == "CR"
 
 

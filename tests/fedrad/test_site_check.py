@@ -53,7 +53,8 @@ def test_report_counts_reasons_duplicates_and_labels(site, tmp_path):
     assert code == 0
     assert report["counts"] == {"files": 25, "accepted": 21, "quarantined": 3, "duplicates": 1}
     assert {q["path"]: q["reason"] for q in report["quarantined"]} == {
-        "MR_truncated.dcm": "truncated", "rtplan.dcm": "unsupported-object",
+        "MR_truncated.dcm": "truncated",
+        "rtplan.dcm": "unsupported-object",
         "notes.txt": "not-dicom",
     }
     original = "images/" + sorted(p.name for p in (site / "images").iterdir())[0]
@@ -62,7 +63,8 @@ def test_report_counts_reasons_duplicates_and_labels(site, tmp_path):
     assert labels["usable-samples"] == 20
     assert [r["id"] for r in labels["labels-without-images"]] == ["images/missing.dcm"]
     assert labels["labelled-but-quarantined"] == [
-        {"id": "MR_truncated.dcm", "line": 23, "reason": "truncated"}]
+        {"id": "MR_truncated.dcm", "line": 23, "reason": "truncated"}
+    ]
     assert labels["images-without-labels"] == ["CT_small.dcm"]
 
 
@@ -76,10 +78,17 @@ def test_report_counts_classes_and_subgroups(site, tmp_path):
     expected = {label: sum(r.split(",")[1] == label for r in rows) for label in ("0", "1")}
     assert report["class-balance"] == expected
     assert {name: sum(counts.values()) for name, counts in report["subgroups"].items()} == {
-        "sex": 21, "age-band": 21, "manufacturer": 21, "modality": 21}
+        "sex": 21,
+        "age-band": 21,
+        "manufacturer": 21,
+        "modality": 21,
+    }
     assert report["subgroups"]["modality"]["CT"] == 1
-    assert report["accepted-by-modality"]["CT"] == {"files": 1, "series": 1,
-                                                    "shapes": {"128x128": 1}}
+    assert report["accepted-by-modality"]["CT"] == {
+        "files": 1,
+        "series": 1,
+        "shapes": {"128x128": 1},
+    }
 
 
 def test_report_holds_no_patient_names_or_ids(site, tmp_path):
@@ -109,10 +118,13 @@ def test_missing_folder_exits_2_and_says_how_to_fix(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({}, "holds no files"),
-    ({"notes.txt": b"text", "empty.dcm": b""}, "none of the 2 file(s) is usable"),
-])
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({}, "holds no files"),
+        ({"notes.txt": b"text", "empty.dcm": b""}, "none of the 2 file(s) is usable"),
+    ],
+)
 def test_unusable_folder_exits_2_with_the_reason(tmp_path, capsys, files, message):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)

@@ -36,22 +36,56 @@ from fedrad.synth.config import MAX_HOLDOUT
 from fedrad.synth.shapes import blur
 from fedrad.synth.sites import draw_site_profiles
 
-SMALL = SynthConfig(sites=2, seed=11, holdout=0.2, image_size=32, slices=8,
-                    samples_per_site=30)
+SMALL = SynthConfig(sites=2, seed=11, holdout=0.2, image_size=32, slices=8, samples_per_site=30)
 KINDS = ["2d", "3d"]
 REQUIRED_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "Manufacturer", "ManufacturerModelName", "InstitutionName", "PatientID", "PatientName",
-    "PatientSex", "PatientAge", "PatientBirthDate", "StudyDate", "SeriesDate", "StudyTime",
-    "AccessionNumber", "StudyID", "SeriesNumber", "InstanceNumber", "Rows", "Columns",
-    "PixelSpacing", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "WindowCenter", "WindowWidth",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "PatientID",
+    "PatientName",
+    "PatientSex",
+    "PatientAge",
+    "PatientBirthDate",
+    "StudyDate",
+    "SeriesDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "WindowCenter",
+    "WindowWidth",
     "PixelData",
 ]
-CT_TAGS = ["SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
-           "SliceLocation", "RescaleIntercept", "RescaleSlope", "FrameOfReferenceUID"]
-SOP_CLASSES = {"CR": ComputedRadiographyImageStorage,
-               "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
+CT_TAGS = [
+    "SliceThickness",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceLocation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "FrameOfReferenceUID",
+]
+SOP_CLASSES = {
+    "CR": ComputedRadiographyImageStorage,
+    "DX": DigitalXRayImageStorageForPresentation,
+    "CT": CTImageStorage,
+}
 
 
 # ---------------------------------------------------------------- helpers
@@ -63,8 +97,11 @@ def read_labels(folder: Path) -> list[dict[str, str]]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def series_files(folder: Path) -> dict[str, list[Path]]:
@@ -86,11 +123,16 @@ def load_samples(folder: Path, kind: str) -> dict[str, tuple[str, str, np.ndarra
             samples[sample_id] = (label, ds.PatientSex, ds.pixel_array.astype(float))
         return samples
     for series_dir in sorted((folder / "series").iterdir()):
-        slices = sorted((dcmread(p) for p in series_dir.glob("*.dcm")),
-                        key=lambda ds: float(ds.ImagePositionPatient[2]))
+        slices = sorted(
+            (dcmread(p) for p in series_dir.glob("*.dcm")),
+            key=lambda ds: float(ds.ImagePositionPatient[2]),
+        )
         pixels = np.stack([ds.pixel_array for ds in slices]).astype(float)
-        samples[series_dir.name] = (labels[slices[0].SeriesInstanceUID], slices[0].PatientSex,
-                                    pixels)
+        samples[series_dir.name] = (
+            labels[slices[0].SeriesInstanceUID],
+            slices[0].PatientSex,
+            pixels,
+        )
     return samples
 
 
@@ -109,14 +151,20 @@ def blob_score(image: np.ndarray) -> float:
     lead = image.ndim - 2
     fine = blur(image, (0.0,) * lead + (0.5 * scale, 0.5 * scale))
     rows, cols = image.shape[-2:]
-    centre = fine[..., rows // 4: 3 * rows // 4, cols // 8: 7 * cols // 8]
+    centre = fine[..., rows // 4 : 3 * rows // 4, cols // 8 : 7 * cols // 8]
     lung, body = np.percentile(centre, [20, 90])
     best = 0.0
     for step in (max(1, round(scale)), max(1, round(2 * scale))):
         padded = np.pad(fine, [(0, 0)] * lead + [(step, step), (step, step)], mode="edge")
-        ring = np.max([padded[..., step + dy: step + dy + rows, step + dx: step + dx + cols]
-                       for dy in (-step, 0, step) for dx in (-step, 0, step) if dy or dx],
-                      axis=0)
+        ring = np.max(
+            [
+                padded[..., step + dy : step + dy + rows, step + dx : step + dx + cols]
+                for dy in (-step, 0, step)
+                for dx in (-step, 0, step)
+                if dy or dx
+            ],
+            axis=0,
+        )
         ringed_by_lung = ring < (lung + body) / 2
         if ringed_by_lung.any():
             best = max(best, float((fine - ring)[ringed_by_lung].max()))
@@ -133,8 +181,9 @@ def age_on(birth: str, day: str) -> int:
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def written(request: pytest.FixtureRequest,
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthSummary, SynthConfig]:
+def written(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[SynthSummary, SynthConfig]:
     config = replace(SMALL, kind=request.param)
     out = tmp_path_factory.mktemp(f"consortium-{request.param}")
     return write_consortium(out, config), config
@@ -217,8 +266,9 @@ def test_every_file_is_valid_dicom_with_required_tags(
         assert raw[128:132] == b"DICM"
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-        missing = [t for t in REQUIRED_TAGS + (CT_TAGS if config.kind == "3d" else [])
-                   if t not in ds]
+        missing = [
+            t for t in REQUIRED_TAGS + (CT_TAGS if config.kind == "3d" else []) if t not in ds
+        ]
         assert not missing, f"{path} lacks {missing}"
         assert ds.SOPClassUID == SOP_CLASSES[ds.Modality]
         assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
@@ -235,8 +285,12 @@ def test_modalities_and_ct_intensities(written: tuple[SynthSummary, SynthConfig]
 
     # Execute
     datasets = [dcmread(p) for p in files]
-    hu = np.concatenate([(ds.pixel_array * float(ds.RescaleSlope)
-                          + float(ds.RescaleIntercept)).ravel() for ds in datasets])
+    hu = np.concatenate(
+        [
+            (ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)).ravel()
+            for ds in datasets
+        ]
+    )
 
     # Assert
     modalities = {ds.Modality for ds in datasets}
@@ -293,8 +347,10 @@ def test_holdout_is_a_fraction_of_the_whole_from_every_site(
     in_sites = sum(site.n_samples for site in summary.sites)
 
     # Execute
-    manufacturers = {dcmread(p, stop_before_pixels=True).Manufacturer
-                     for p in summary.holdout_folder.rglob("*.dcm")}  # type: ignore[union-attr]
+    manufacturers = {
+        dcmread(p, stop_before_pixels=True).Manufacturer
+        for p in summary.holdout_folder.rglob("*.dcm")
+    }  # type: ignore[union-attr]
 
     # Assert
     share = summary.holdout_samples / (summary.holdout_samples + in_sites)
@@ -369,21 +425,23 @@ def test_ct_slices_are_shuffled_on_disk_and_stacked_by_position(
 
     for series_dir in series_dirs:
         # Execute
-        by_name = [dcmread(series_dir / f"slice-{k}.dcm", stop_before_pixels=True)
-                   for k in range(1, config.slices + 1)]
+        by_name = [
+            dcmread(series_dir / f"slice-{k}.dcm", stop_before_pixels=True)
+            for k in range(1, config.slices + 1)
+        ]
         by_position = sorted(by_name, key=lambda ds: int(ds.InstanceNumber))
 
         # Assert
         assert [int(ds.InstanceNumber) for ds in by_name] != list(range(1, config.slices + 1))
-        assert [int(ds.InstanceNumber) for ds in by_position] == list(
-            range(1, config.slices + 1))
+        assert [int(ds.InstanceNumber) for ds in by_position] == list(range(1, config.slices + 1))
         z = np.array([float(ds.ImagePositionPatient[2]) for ds in by_position])
         assert np.allclose(np.diff(z), float(by_name[0].SliceThickness))
         assert np.allclose(z, [float(ds.SliceLocation) for ds in by_position])
         assert len({(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in by_name}) == 1
         assert len({ds.SOPInstanceUID for ds in by_name}) == config.slices
-        assert all([float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-                   for ds in by_name)
+        assert all(
+            [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0] for ds in by_name
+        )
 
 
 # ---------------------------------------------------------------- the finding
@@ -392,9 +450,15 @@ def test_ct_slices_are_shuffled_on_disk_and_stacked_by_position(
 @pytest.mark.parametrize("kind", KINDS)
 def test_finding_is_visible_to_a_simple_statistic(tmp_path: Path, kind: str) -> None:
     # Prepare
-    config = SynthConfig(sites=1, seed=5, kind=kind, image_size=48, slices=8,
-                         samples_per_site=120 if kind == "2d" else 40,
-                         subgroup_difficulty=0.0)
+    config = SynthConfig(
+        sites=1,
+        seed=5,
+        kind=kind,
+        image_size=48,
+        slices=8,
+        samples_per_site=120 if kind == "2d" else 40,
+        subgroup_difficulty=0.0,
+    )
     folder = write_consortium(tmp_path, config).sites[0].folder
 
     # Execute
@@ -412,8 +476,15 @@ def test_finding_is_visible_to_a_simple_statistic(tmp_path: Path, kind: str) -> 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hard_subgroup_findings_are_fainter(tmp_path: Path, kind: str) -> None:
     # Prepare: the same consortium with and without the subgroup effect
-    config = SynthConfig(sites=1, seed=9, kind=kind, image_size=32, slices=8,
-                         samples_per_site=40, subgroup_difficulty=0.0)
+    config = SynthConfig(
+        sites=1,
+        seed=9,
+        kind=kind,
+        image_size=32,
+        slices=8,
+        samples_per_site=40,
+        subgroup_difficulty=0.0,
+    )
     easy = load_samples(write_consortium(tmp_path / "easy", config).sites[0].folder, kind)
     hard_config = replace(config, subgroup_difficulty=1.0)
     hard = load_samples(write_consortium(tmp_path / "hard", hard_config).sites[0].folder, kind)
@@ -438,10 +509,16 @@ def test_hard_subgroup_findings_are_fainter(tmp_path: Path, kind: str) -> None:
 def test_writer_matches_dcmwrite_byte_for_byte(tmp_path: Path, kind: str) -> None:
     # Prepare
     site = draw_site_profiles(replace(SMALL, kind=kind))[0]
-    template = (synth_dicom.xray_template(site) if kind == "2d"
-                else synth_dicom.ct_template(site))
-    tags = synth_dicom.StudyTags(7, "F", 64, "19600203", "20240305", "101500",
-                                 *(synth_dicom.make_uid("test", w) for w in "abc"))
+    template = synth_dicom.xray_template(site) if kind == "2d" else synth_dicom.ct_template(site)
+    tags = synth_dicom.StudyTags(
+        7,
+        "F",
+        64,
+        "19600203",
+        "20240305",
+        "101500",
+        *(synth_dicom.make_uid("test", w) for w in "abc"),
+    )
     study = synth_dicom.study_dataset(tags, site.modality)
     pixels = np.arange(site.size**2, dtype=np.uint16).reshape(site.size, site.size) % 4096
     instance = synth_dicom.instance_dataset(synth_dicom.make_uid("test", "sop"), pixels)
@@ -457,8 +534,7 @@ def test_writer_matches_dcmwrite_byte_for_byte(tmp_path: Path, kind: str) -> Non
     writer = synth_dicom.InstanceWriter(template)
 
     # Execute
-    writer.write(tmp_path / "x.dcm", synth_dicom.encode_elements(study, writer.encoding),
-                 instance)
+    writer.write(tmp_path / "x.dcm", synth_dicom.encode_elements(study, writer.encoding), instance)
 
     # Assert
     assert (tmp_path / "x.dcm").read_bytes() == expected.getvalue()
@@ -470,15 +546,24 @@ def test_writer_matches_dcmwrite_byte_for_byte(tmp_path: Path, kind: str) -> Non
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("sites", 0), ("sites", 65), ("sites", 2.0), ("sites", True),
-        ("seed", -1), ("seed", "1"),
-        ("kind", "4d"), ("kind", "2D"),
-        ("holdout", -0.1), ("holdout", MAX_HOLDOUT), ("holdout", float("nan")),
+        ("sites", 0),
+        ("sites", 65),
+        ("sites", 2.0),
+        ("sites", True),
+        ("seed", -1),
+        ("seed", "1"),
+        ("kind", "4d"),
+        ("kind", "2D"),
+        ("holdout", -0.1),
+        ("holdout", MAX_HOLDOUT),
+        ("holdout", float("nan")),
         ("holdout", "0.2"),
-        ("image_size", 8), ("image_size", 4096),
+        ("image_size", 8),
+        ("image_size", 4096),
         ("slices", 2),
         ("samples_per_site", 10),
-        ("subgroup_difficulty", -0.5), ("subgroup_difficulty", 1.5),
+        ("subgroup_difficulty", -0.5),
+        ("subgroup_difficulty", 1.5),
     ],
 )
 def test_invalid_config_names_the_field_and_a_fix(field: str, value: object) -> None:

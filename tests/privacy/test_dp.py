@@ -53,15 +53,25 @@ def tiny_dataset() -> TensorDataset:
 
 def train_settings(*, proximal_mu: float = 0.0, batch_size: int = BATCH) -> TrainSettings:
     return TrainSettings(
-        local_epochs=1, learning_rate=0.1, batch_size=batch_size, optimizer="sgd",
-        momentum=0.0, weight_decay=0.0, proximal_mu=proximal_mu,
+        local_epochs=1,
+        learning_rate=0.1,
+        batch_size=batch_size,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        proximal_mu=proximal_mu,
     )
 
 
 def tiny_plan(*, target: float = 50.0, accountant: str = "rdp") -> DPPlan:
     request = DPRequest(
-        study_id="study-a", target_epsilon=target, max_grad_norm=1.0, local_epochs=1,
-        noise_multiplier=1.0, delta=1e-3, accountant=accountant,
+        study_id="study-a",
+        target_epsilon=target,
+        max_grad_norm=1.0,
+        local_epochs=1,
+        noise_multiplier=1.0,
+        delta=1e-3,
+        accountant=accountant,
     )
     limits = SiteLimits(max_epsilon=100.0, max_delta=1e-2)
     return resolve_dp(request, limits, num_train_samples=NUM_SAMPLES, batch_size=BATCH)
@@ -72,12 +82,23 @@ def open_ledger(root: Path) -> PrivacyLedger:
 
 
 def train_round(
-    root: Path, model: nn.Module, server_round: int, *, plan: DPPlan | None = None,
-    settings: TrainSettings | None = None, seed: int | None = 7,
+    root: Path,
+    model: nn.Module,
+    server_round: int,
+    *,
+    plan: DPPlan | None = None,
+    settings: TrainSettings | None = None,
+    seed: int | None = 7,
 ) -> DPTrainSums:
     return train_local_dp(
-        model, tiny_dataset(), settings or train_settings(), plan or tiny_plan(),
-        open_ledger(root), server_round=server_round, run_id="run-1", seed=seed,
+        model,
+        tiny_dataset(),
+        settings or train_settings(),
+        plan or tiny_plan(),
+        open_ledger(root),
+        server_round=server_round,
+        run_id="run-1",
+        seed=seed,
     )
 
 
@@ -162,8 +183,14 @@ def test_unrecorded_round_restores_the_model(tmp_path: Path) -> None:
     # Execute
     with pytest.raises(LedgerError, match="changed on disk"):
         train_local_dp(
-            model, tiny_dataset(), train_settings(), tiny_plan(), stale,
-            server_round=2, run_id="run-1", seed=7,
+            model,
+            tiny_dataset(),
+            train_settings(),
+            tiny_plan(),
+            stale,
+            server_round=2,
+            run_id="run-1",
+            seed=7,
         )
 
     # Assert
@@ -211,14 +238,20 @@ def test_fedprox_term_survives_opacus_and_pulls_towards_the_global_model(tmp_pat
 def test_plan_matches_what_opacus_samples_and_accounts(samples: int, batch: int) -> None:
     # Prepare
     request = DPRequest(
-        study_id="study-a", target_epsilon=8.0, max_grad_norm=1.0, local_epochs=2,
-        noise_multiplier=1.0, delta=1e-3,
+        study_id="study-a",
+        target_epsilon=8.0,
+        max_grad_norm=1.0,
+        local_epochs=2,
+        noise_multiplier=1.0,
+        delta=1e-3,
     )
     loader = DataLoader(TensorDataset(torch.zeros(samples, 1)), batch_size=batch)
 
     # Execute
     plan = resolve_dp(
-        request, SiteLimits(max_epsilon=8.0, max_delta=1e-2), num_train_samples=samples,
+        request,
+        SiteLimits(max_epsilon=8.0, max_delta=1e-2),
+        num_train_samples=samples,
         batch_size=batch,
     )
     dp_loader = DPDataLoader.from_data_loader(loader)
@@ -236,7 +269,8 @@ def test_plan_matches_what_opacus_samples_and_accounts(samples: int, batch: int)
 @given(
     arrays=st.lists(
         hnp.arrays(np.float32, st.integers(1, 20), elements=st.floats(-1e3, 1e3, width=32)),
-        min_size=1, max_size=4,
+        min_size=1,
+        max_size=4,
     ),
     clip_norm=st.floats(1e-3, 1e3),
 )

@@ -47,8 +47,9 @@ def test_sums_from_sites_add_up_to_the_pooled_metrics():
     hist = sum(h for _, h in parts)
 
     pooled_confusion, pooled_hist = evaluation_sums(scores, labels)
-    metrics = summarize(num_examples=300, loss_sum=30.0, confusion=confusion, score_hist=hist,
-                        positive_label=1)
+    metrics = summarize(
+        num_examples=300, loss_sum=30.0, confusion=confusion, score_hist=hist, positive_label=1
+    )
 
     assert (confusion == pooled_confusion).all() and (hist == pooled_hist).all()
     assert metrics["auc"] == pytest.approx(exact_auc(p, labels), abs=0.01)
@@ -72,8 +73,9 @@ def test_multiclass_summary_has_macro_auc_and_accuracy():
     scores = np.eye(3)[labels] * 0.8 + 0.2 / 3
     confusion, hist = evaluation_sums(scores, labels)
 
-    metrics = summarize(num_examples=6, loss_sum=1.0, confusion=confusion, score_hist=hist,
-                        positive_label=1)
+    metrics = summarize(
+        num_examples=6, loss_sum=1.0, confusion=confusion, score_hist=hist, positive_label=1
+    )
 
     assert metrics["accuracy"] == pytest.approx(1.0)
     assert metrics["auc"] == pytest.approx(1.0)

@@ -35,6 +35,7 @@ from client.secagg import ERROR_CODE_REFUSED, ERROR_CODE_SECAGG, SESSION_STATE, 
 from fedrad import keys
 from privacy.secagg import (
     ClientSession,
+    ConfigurationError,
     ConflictingUnmaskRequest,
     KeyAdvertisement,
     KeyBroadcast,
@@ -65,7 +66,7 @@ from privacy.secagg.state import (
     setup_from_bytes,
     setup_to_bytes,
 )
-from server.secagg import secure_train_round
+from server.secagg import default_threshold, secure_train_round
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -94,7 +95,10 @@ def _inputs(sites=SITES):
 
 def _setup(sites=SITES, threshold=3):
     return RoundSetup.create(
-        round_id="r-1", participants=list(sites), threshold=threshold, array_shapes=SHAPES,
+        round_id="r-1",
+        participants=list(sites),
+        threshold=threshold,
+        array_shapes=SHAPES,
         clipping_range=1.0,
     )
 
@@ -136,8 +140,10 @@ def _run_round(restore_after: str | None = None, compare: list | None = None) ->
         originals, sessions = sessions, _restored(sessions)
     masked = keep([_mask(sessions[d.receiver], d, inputs) for d in deliveries])
     if restore_after == "shares":
-        compare += [(_mask(originals[d.receiver], d, inputs).masked, m.masked)
-                    for d, m in zip(deliveries, masked, strict=True)]
+        compare += [
+            (_mask(originals[d.receiver], d, inputs).masked, m.masked)
+            for d, m in zip(deliveries, masked, strict=True)
+        ]
     requests = keep(list(server.collect_masked_inputs(masked).values()))
     if restore_after == "mask":
         sessions = _restored(sessions)
@@ -213,8 +219,15 @@ def transcript():
 
 @pytest.mark.parametrize(
     "kind",
-    [KeyAdvertisement, KeyBroadcast, ShareKeys, ShareDelivery, MaskedInput, UnmaskRequest,
-     UnmaskResponse],
+    [
+        KeyAdvertisement,
+        KeyBroadcast,
+        ShareKeys,
+        ShareDelivery,
+        MaskedInput,
+        UnmaskRequest,
+        UnmaskResponse,
+    ],
 )
 def test_every_stage_message_survives_a_flower_record(transcript, kind):
     for message in transcript.messages[kind]:
@@ -310,15 +323,23 @@ class ProcessGrid(Grid):
     """Delivers each message to a ClientApp as deployment does: through protobuf, in a fresh
     Context rebuilt from the node's saved one, keeping the Context the app leaves."""
 
-    def __init__(self, app: ClientApp, num_nodes: int, *, vanish=(), tamper=None) -> None:
+    def __init__(
+        self, app: ClientApp, num_nodes: int, *, vanish=(), tamper=None, tamper_reply=None
+    ) -> None:
         self.app = app
         self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config={"partition-id": i},
-                              state=RecordDict(), run_config={})
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i},
+                state=RecordDict(),
+                run_config={},
+            )
             for i in range(num_nodes)
         }
         self.vanish = set(vanish)  # (action, partition) pairs that get no reply
         self.tamper = tamper
+        self.tamper_reply = tamper_reply
         self.replies: list[Message] = []
 
     def partition(self, node_id: int) -> int:
@@ -353,15 +374,22 @@ class ProcessGrid(Grid):
             if self.tamper is not None:
                 message = self.tamper(action, self.partition(node), message)
             context = context_from_proto(context_to_proto(self.contexts[node]))
-            reply = _wire(self.app(_wire(message), context))
+            delivered = _wire(message)
+            reply = self.app(delivered, context)
             self.contexts[node] = context
+            if self.tamper_reply is not None and not reply.has_error():
+                content = self.tamper_reply(action, self.partition(node), reply.content)
+                reply = Message(content, reply_to=delivered)
+            reply = _wire(reply)
             self.replies.append(reply)
             replies.append(reply)
         return replies
 
 
-GLOBAL = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
-          "b": np.zeros(3, dtype=np.float32)}
+GLOBAL = {
+    "w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+    "b": np.zeros(3, dtype=np.float32),
+}
 
 
 def fake_train(msg: Message, context: Context) -> RecordDict:
@@ -374,13 +402,18 @@ def fake_train(msg: Message, context: Context) -> RecordDict:
         k: (v + scale * rng.uniform(-1, 1, v.shape)).astype(v.dtype) for k, v in arrays.items()
     }
     weight = 10 * (partition + 1)
-    metrics = {keys.NUM_EXAMPLES: weight, keys.LOSS_SUM: 0.3 * weight + partition,
-               keys.NUM_STEPS: 2}
-    return RecordDict({
-        keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
-        keys.METRICS: MetricRecord(metrics),
-        keys.SITE: ConfigRecord({keys.SITE_ID: f"site-{partition}"}),
-    })
+    metrics = {
+        keys.NUM_EXAMPLES: weight,
+        keys.LOSS_SUM: 0.3 * weight + partition,
+        keys.NUM_STEPS: 2,
+    }
+    return RecordDict(
+        {
+            keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
+            keys.METRICS: MetricRecord(metrics),
+            keys.SITE: ConfigRecord({keys.SITE_ID: f"site-{partition}"}),
+        }
+    )
 
 
 def _app(train: Callable[[Message, Context], RecordDict] = fake_train) -> ClientApp:
@@ -391,9 +424,14 @@ def _app(train: Callable[[Message, Context], RecordDict] = fake_train) -> Client
 
 def _round(grid: Grid, *, threshold=3, clipping_range=0.5):
     return secure_train_round(
-        grid, grid.get_node_ids(), server_round=3, arrays=GLOBAL,
-        site_config=ConfigRecord({keys.SERVER_ROUND: 3}), threshold=threshold,
-        clipping_range=clipping_range, timeout=10.0,
+        grid,
+        grid.get_node_ids(),
+        server_round=3,
+        arrays=GLOBAL,
+        site_config=ConfigRecord({keys.SERVER_ROUND: 3}),
+        threshold=threshold,
+        clipping_range=clipping_range,
+        timeout=10.0,
     )
 
 
@@ -403,8 +441,9 @@ def _plain(grid: ProcessGrid, partitions):
     replies = []
     for node, context in grid.contexts.items():
         if grid.partition(node) in partitions:
-            replies.append(fake_train(Message(content, dst_node_id=node, message_type="train"),
-                                      context))
+            replies.append(
+                fake_train(Message(content, dst_node_id=node, message_type="train"), context)
+            )
     return replies
 
 
@@ -479,9 +518,11 @@ def _overlapping(action, partition, message):
     request = message_from_fields(UnmaskRequest, dict(message.content[RECORD]))
     other = next(s for s in request.survivors if s != request.receiver)
     forged = dataclasses.replace(request, dropped=(*request.dropped, other))
-    return Message(RecordDict({RECORD: ConfigRecord(message_to_fields(forged))}),
-                   dst_node_id=message.metadata.dst_node_id,
-                   message_type=message.metadata.message_type)
+    return Message(
+        RecordDict({RECORD: ConfigRecord(message_to_fields(forged))}),
+        dst_node_id=message.metadata.dst_node_id,
+        message_type=message.metadata.message_type,
+    )
 
 
 def test_a_site_refuses_a_malicious_unmask_request():
@@ -512,8 +553,11 @@ def test_an_update_outside_the_clipping_range_is_refused_without_its_values():
 def test_a_stage_message_without_a_round_is_refused():
     app = _app()
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
-    message = Message(RecordDict({RECORD: ConfigRecord({"message": "key-broadcast"})}),
-                      dst_node_id=5, message_type=f"train.{SHARES_ACTION}")
+    message = Message(
+        RecordDict({RECORD: ConfigRecord({"message": "key-broadcast"})}),
+        dst_node_id=5,
+        message_type=f"train.{SHARES_ACTION}",
+    )
 
     reply = app(message, context)
 
@@ -534,3 +578,38 @@ def test_a_training_failure_becomes_an_error_reply():
     assert result.status == "aborted"
     assert all("no training samples" in reason for reason in result.failures.values())
     assert all(isinstance(r.error, Error) for r in grid.replies)
+
+
+def _short_key(action, partition, content):
+    """A broken site: advertises a mask key one byte short."""
+    if action != KEYS_ACTION or partition != 1:
+        return content
+    fields = dict(content[RECORD])
+    fields["mask-key"] = fields["mask-key"][:-1]
+    return RecordDict({RECORD: ConfigRecord(fields)})
+
+
+def test_a_malformed_reply_drops_its_site():
+    grid = ProcessGrid(_app(), 5, tamper_reply=_short_key)
+
+    result = _round(grid)
+
+    assert result.status == "completed" and result.dropped == ["node-1001"]
+    assert "dropped by the protocol" in result.failures["node-1001"]
+    _assert_fedavg(result, _plain(grid, [0, 2, 3, 4]))
+
+
+@pytest.mark.parametrize("num_sites", [3, 4, 5, 10, 11, 30])
+def test_default_threshold_is_the_smallest_a_round_accepts(num_sites):
+    def setup(threshold):
+        return RoundSetup.create(
+            round_id="r",
+            participants=list(range(1, num_sites + 1)),
+            threshold=threshold,
+            array_shapes={"a": (1,)},
+            clipping_range=1.0,
+        )
+
+    setup(default_threshold(num_sites))
+    with pytest.raises(ConfigurationError):
+        setup(default_threshold(num_sites) - 1)

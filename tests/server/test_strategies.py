@@ -8,12 +8,15 @@ from server.strategies import build_strategy, load_strategy_state, strategy_stat
 
 
 def _reply(weights, n):
-    content = RecordDict({
-        keys.ARRAYS: ArrayRecord({"w": Array(np.asarray(weights, dtype=np.float32))}),
-        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.LOSS_SUM: float(n),
-                                    keys.CONFUSION: [n, 0, 0, n]}),
-        keys.SITE: ConfigRecord({keys.SITE_ID: f"site-{n}"}),
-    })
+    content = RecordDict(
+        {
+            keys.ARRAYS: ArrayRecord({"w": Array(np.asarray(weights, dtype=np.float32))}),
+            keys.METRICS: MetricRecord(
+                {keys.NUM_EXAMPLES: n, keys.LOSS_SUM: float(n), keys.CONFUSION: [n, 0, 0, n]}
+            ),
+            keys.SITE: ConfigRecord({keys.SITE_ID: f"site-{n}"}),
+        }
+    )
     return content
 
 
@@ -44,8 +47,10 @@ def test_fedadam_state_round_trips(task_identity):
     config = RunConfig(strategy="fedadam")
     strategy = build_strategy(config)
     strategy.current_arrays = {"w": np.zeros(3, dtype=np.float32)}
-    replies = [Message(_reply([1.0, 2.0, 3.0], 4), dst_node_id=1, message_type="train"),
-               Message(_reply([3.0, 2.0, 1.0], 4), dst_node_id=2, message_type="train")]
+    replies = [
+        Message(_reply([1.0, 2.0, 3.0], 4), dst_node_id=1, message_type="train"),
+        Message(_reply([3.0, 2.0, 1.0], 4), dst_node_id=2, message_type="train"),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     saved = strategy_state(strategy)
 
