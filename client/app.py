@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from client.disclosure import subgroup_counts
 from client.dp_train import DPTrainSums, train_local_dp
 from client.reply import check_reply
+from client.secagg import register as register_secagg
 from client.site import Site, resolve_site, site_dataset
 from client.train import TrainSettings, evaluate_local, train_local
 from fedrad import keys
@@ -171,3 +172,4 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
 
 train = app.train()(_guarded(_train))
 evaluate = app.evaluate()(_guarded(_evaluate))
+register_secagg(app, _train)  # the secure-aggregation stages; they catch their own errors

@@ -12,6 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.disclosure import is_allowed_cell
 from fedrad import keys
 from fedrad.errors import FedradError
+from privacy.secagg import ProtocolError
+from privacy.secagg.state import check_reply_fields
 
 
 class ReplyNotAllowed(FedradError):
@@ -23,6 +25,7 @@ ALLOWED_RECORDS: dict[str, type] = {
     keys.METRICS: MetricRecord,
     keys.SITE: ConfigRecord,
     keys.SUBGROUPS: ConfigRecord,
+    keys.SECAGG: ConfigRecord,
 }
 
 
@@ -38,6 +41,14 @@ def check_reply(content: RecordDict, *, min_cell_count: int) -> None:
             raise ReplyNotAllowed(
                 f"record '{name}' ({type(record).__name__}) may not leave the site"
             )
+        if name == keys.SECAGG:
+            if len(content) != 1:
+                raise ReplyNotAllowed(f"record '{name}' travels alone")
+            try:
+                check_reply_fields(dict(record))
+            except ProtocolError as exc:
+                raise ReplyNotAllowed(f"record '{name}' may not leave the site: {exc}") from exc
+            continue
         if name == keys.SUBGROUPS:
             bad = [
                 k

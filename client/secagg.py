@@ -32,7 +32,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.reply import ReplyNotAllowed
+from client.reply import check_reply
+from client.site import resolve_site
 from fedrad import keys
 from fedrad.errors import FedradError
 from privacy.secagg import (
@@ -56,7 +57,6 @@ from privacy.secagg.state import (
     SHARES_ACTION,
     UNMASK_ACTION,
     FieldValue,
-    check_reply_fields,
     invitation_from_fields,
     message_from_fields,
     message_to_fields,
@@ -108,7 +108,8 @@ def _handler(step: Step) -> Callable[[Message, Context], Message]:
     def handle(msg: Message, context: Context) -> Message:
         try:
             content = step(msg, context)
-            _check_reply(content)
+            site = resolve_site(context.node_config, context.run_config)
+            check_reply(content, min_cell_count=site.min_cell_count)
         except RequestRefused as exc:
             return _error_reply(msg, context, ERROR_CODE_REFUSED, exc)
         except (SecAggError, FedradError) as exc:
@@ -133,20 +134,6 @@ def _error_reply(msg: Message, context: Context, code: int, exc: Exception) -> M
     else:
         reason = f"{type(exc).__name__}: {exc}"
     return Message(Error(code=code, reason=reason), reply_to=msg)
-
-
-def _check_reply(content: RecordDict) -> None:
-    """Refuse a reply that is not one ``secagg`` record holding one site-to-coordinator message."""
-    record = content.get(RECORD)
-    if list(content) != [RECORD] or not isinstance(record, ConfigRecord):
-        raise ReplyNotAllowed(
-            f"a secure-aggregation reply holds exactly one ConfigRecord '{RECORD}', not "
-            f"{sorted(content)}"
-        )
-    try:
-        check_reply_fields(dict(record))
-    except ProtocolError as exc:
-        raise ReplyNotAllowed(f"record '{RECORD}' may not leave the site: {exc}") from exc
 
 
 def _advertise_keys(msg: Message, context: Context, *, train_fn: TrainFn) -> RecordDict:

@@ -24,6 +24,7 @@ KINDS = ("2d", "3d")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 OPTIMIZER_NAMES = ("sgd", "adam")
 DP_MODES = ("off", "sample")
+INDIVIDUAL_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 
 ConfigValue = bool | int | float | str
 T = TypeVar("T")
@@ -135,6 +136,9 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "noise-multiplier": "dp: noise multiplier; 0 derives it from target-epsilon and the plan",
     "max-grad-norm": "dp: per-sample gradient clipping norm",
     "dp-accountant": "dp: rdp or prv (Opacus accountants)",
+    "secure-aggregation": "SecAgg+: the coordinator learns only the sum of the sites' updates",
+    "secagg-threshold": "SecAgg+ threshold t; 0 picks the smallest safe one for the round",
+    "secagg-clipping-range": "SecAgg+: largest absolute change of a weight in one round",
 }
 """One line of help per run-config key: used by the command line and the README."""
 
@@ -179,6 +183,9 @@ class RunConfig:
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_clipping_range: float = 8.0
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
@@ -220,6 +227,21 @@ class RunConfig:
             raise ConfigError("'target-epsilon' and 'max-grad-norm' must be positive.")
         _check_range("delta", self.delta, 0.0, 0.1)
         _check_range("noise-multiplier", self.noise_multiplier, 0.0, 100.0)
+        if self.secure_aggregation:
+            if self.strategy in INDIVIDUAL_UPDATE_STRATEGIES:
+                raise ConfigError(
+                    f"strategy '{self.strategy}' needs every site's individual update, which "
+                    "secure aggregation exists to hide; use fedavg, fedprox or fedadam with "
+                    "secure-aggregation, or turn secure-aggregation off."
+                )
+            if self.min_sites < 3:
+                raise ConfigError(
+                    "secure aggregation needs at least 3 sites per round (min-sites >= 3): "
+                    "with 2, each site could subtract its own update from the sum."
+                )
+        _check_range("secagg-threshold", self.secagg_threshold, 0, 100_000)
+        if not self.secagg_clipping_range > 0:
+            raise ConfigError("'secagg-clipping-range' must be positive.")
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any], *, strict: bool = True) -> RunConfig:

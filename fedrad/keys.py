@@ -12,6 +12,7 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 SUBGROUPS = "subgroups"
+SECAGG = "secagg"
 
 # ConfigRecord keys sent by the coordinator (beyond the run-config keys)
 SERVER_ROUND = "server-round"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
@@ -26,6 +26,7 @@ from fedrad.config import RunConfig
 from models import ModelSpec
 from server.metrics import summarize
 from server.rundir import RunDir
+from server.secagg import default_threshold, secure_train_round
 from server.strategies import (
     arrays_to_numpy,
     build_strategy,
@@ -77,7 +78,13 @@ class SiteReplies:
     ok: list[Message] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     subgroups: dict[str, dict[str, int]] = field(default_factory=dict)
+    secure: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_trained(self) -> int:
+        """Sites whose update is in the aggregate (under SecAgg+: those whose mask arrived)."""
+        return int(self.secure["contributors"]) if self.secure else len(self.ok)
 
 
 def _collect(replies: list[Message]) -> SiteReplies:
@@ -160,11 +167,13 @@ class Federation:
             }
             new_arrays, train = self._train_round(server_round, arrays)
             record["train"] = {"sites": train.results, "failures": train.failures}
+            if train.secure:
+                record["train"]["secure-aggregation"] = train.secure
             if new_arrays is None:
                 status, reason = (
                     "stopped",
                     (
-                        f"round {server_round}: {len(train.ok)} site(s) trained, at least "
+                        f"round {server_round}: {train.num_trained} site(s) trained, at least "
                         f"{self.config.min_sites} needed (min-sites); failures: {train.failures}"
                     ),
                 )
@@ -187,7 +196,7 @@ class Federation:
                 "round %d/%d: %d site(s), val AUC %.3f, val loss %.4f (%.1f s)",
                 server_round,
                 self.config.num_server_rounds,
-                len(train.ok),
+                train.num_trained,
                 last_eval.get("auc", float("nan")),
                 last_eval.get("loss", float("nan")),
                 record["seconds"],
@@ -206,12 +215,16 @@ class Federation:
     def _train_round(
         self, server_round: int, arrays: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray] | None, SiteReplies]:
-        messages = self.strategy.configure_train(
-            server_round,
-            numpy_to_arrays(arrays.items()),
-            self._site_config(server_round),
-            self.grid,
+        messages = list(
+            self.strategy.configure_train(
+                server_round,
+                numpy_to_arrays(arrays.items()),
+                self._site_config(server_round),
+                self.grid,
+            )
         )
+        if self.config.secure_aggregation:
+            return self._secure_train_round(server_round, arrays, messages)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
         collected = _collect(replies)
         if len(collected.ok) < self.config.min_sites:
@@ -224,6 +237,54 @@ class Federation:
         if aggregated is None:
             return None, collected
         return arrays_to_numpy(aggregated), collected
+
+    def _secure_train_round(
+        self, server_round: int, arrays: dict[str, np.ndarray], messages: list[Message]
+    ) -> tuple[dict[str, np.ndarray] | None, SiteReplies]:
+        """Train under SecAgg+: the strategy then sees only the sites' weighted mean."""
+        collected = SiteReplies()
+        nodes = [m.metadata.dst_node_id for m in messages]
+        if not nodes:
+            return None, collected
+        result = secure_train_round(
+            self.grid,
+            nodes,
+            server_round=server_round,
+            arrays=arrays,
+            site_config=messages[0].content[keys.CONFIG],  # keeps FedProx's proximal-mu
+            threshold=self.config.secagg_threshold or default_threshold(len(nodes)),
+            clipping_range=self.config.secagg_clipping_range,
+            timeout=self.config.round_timeout,
+        )
+        collected.failures.update(result.failures)
+        collected.secure = {
+            "status": result.status,
+            "reason": result.reason,
+            "contributors": result.contributors,
+            "dropped": result.dropped,
+            "totals": result.totals,
+            "error-bound": result.error_bound,
+            "seconds": result.seconds,
+        }
+        if result.arrays is None or result.contributors < self.config.min_sites:
+            return None, collected
+        mean = Message(
+            content=RecordDict(
+                {
+                    keys.ARRAYS: numpy_to_arrays(result.arrays.items()),
+                    keys.METRICS: MetricRecord(
+                        {
+                            keys.NUM_EXAMPLES: int(result.totals[keys.NUM_EXAMPLES]),
+                            keys.LOSS_SUM: float(result.totals[keys.LOSS_SUM]),
+                        }
+                    ),
+                }
+            ),
+            message_type=MessageType.TRAIN,
+            dst_node_id=0,
+        )
+        aggregated, _ = self.strategy.aggregate_train(server_round, [mean])
+        return (None if aggregated is None else arrays_to_numpy(aggregated)), collected
 
     def _evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         messages = [
