@@ -21,12 +21,21 @@ from client.dp_train import DPTrainSums, train_local_dp
 from client.reply import check_reply
 from client.secagg import register as register_secagg
 from client.site import Site, resolve_site, site_dataset
-from client.train import TrainSettings, evaluate_local, train_local
+from client.train import TrainSettings, TrainSums, evaluate_local, train_local
 from fedrad import keys
 from fedrad.config import RunConfig
 from fedrad.errors import FedradError
 from models import ModelSpec
-from privacy import DPRequest, PrivacyLedger, SiteLimits, resolve_dp
+from privacy import (
+    CLIENT_LEVEL_DELTA,
+    DPRequest,
+    PrivacyLedger,
+    PrivacyRefused,
+    SiteLimits,
+    planned_client_epsilon,
+    privatize_update,
+    resolve_dp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,8 @@ def _train(msg: Message, context: Context) -> RecordDict:
     if config.dp == "sample":
         sums = _train_dp(msg, context, site, config, model, dataset, settings)
         metrics = {keys.EPSILON: sums.epsilon, keys.DELTA: sums.delta}
+    elif config.dp == "client":
+        sums, metrics = _train_client_dp(msg, site, config, model, dataset, settings)
     else:
         sums = train_local(model, dataset, settings)
     return RecordDict(
@@ -141,6 +152,50 @@ def _train_dp(
     return train_local_dp(
         model, dataset, settings, plan, ledger, server_round=server_round, run_id=run_id
     )
+
+
+def _train_client_dp(
+    msg: Message,
+    site: Site,
+    config: RunConfig,
+    model: torch.nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    settings: TrainSettings,
+) -> tuple[TrainSums, dict[str, int | float]]:
+    """Train, then clip the update and add this site's noise share (distributed DP).
+
+    Sites weigh equally under client-level DP: the reply's example count is 1.
+    """
+    shares = int(msg.content[keys.CONFIG].get(keys.NOISE_SHARES, 0))
+    if shares < 1:
+        raise PrivacyRefused(
+            "dp 'client' needs secure aggregation: alone, this site's update would carry only "
+            "its share of the noise. Refusing to send it in the clear."
+        )
+    start = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    sums = train_local(model, dataset, settings)
+    delta = config.delta or CLIENT_LEVEL_DELTA
+    planned = planned_client_epsilon(
+        noise_multiplier=config.noise_multiplier,
+        site_sample_rate=config.fraction_train,
+        rounds=config.num_server_rounds,
+        delta=delta,
+    )
+    trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    private = privatize_update(
+        start,
+        trained,
+        clip_norm=config.max_grad_norm,
+        noise_multiplier=config.noise_multiplier,
+        noise_shares=shares,
+        limits=SiteLimits(max_epsilon=site.max_epsilon, max_delta=site.max_delta),
+        planned_epsilon=planned,
+        delta=delta,
+    )
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in private.items()})
+    return TrainSums(
+        num_examples=1, loss_sum=sums.loss_sum / max(sums.num_examples, 1), num_steps=sums.num_steps
+    ), {}
 
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:

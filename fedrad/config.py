@@ -23,7 +23,7 @@ SCHEMA_VERSION = 1
 KINDS = ("2d", "3d")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 OPTIMIZER_NAMES = ("sgd", "adam")
-DP_MODES = ("off", "sample")
+DP_MODES = ("off", "sample", "client")
 INDIVIDUAL_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 
 ConfigValue = bool | int | float | str
@@ -129,7 +129,7 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "fraction-train": "fraction of sites sampled for training each round",
     "min-sites": "fewest sites that must train for a round to count",
     "round-timeout": "seconds to wait for sites' replies in each exchange",
-    "dp": "differential privacy: off, or sample (DP-SGD at each site, Opacus)",
+    "dp": "differential privacy: off, sample (DP-SGD at each site) or client (distributed DP)",
     "study-id": "the study whose per-site privacy budget this run spends (required with dp)",
     "target-epsilon": "dp: each site's epsilon budget for the whole study",
     "delta": "dp: delta; 0 means 1/(10 x the site's training samples)",
@@ -239,6 +239,12 @@ class RunConfig:
                     "secure aggregation needs at least 3 sites per round (min-sites >= 3): "
                     "with 2, each site could subtract its own update from the sum."
                 )
+        if self.dp == "client" and not (self.secure_aggregation and self.noise_multiplier > 0):
+            raise ConfigError(
+                "dp 'client' adds each site's share of the noise before masking: it needs "
+                "secure-aggregation = true (alone, each update would carry too little noise) "
+                "and an explicit noise-multiplier (e.g. 1.0)."
+            )
         _check_range("secagg-threshold", self.secagg_threshold, 0, 100_000)
         if not self.secagg_clipping_range > 0:
             raise ConfigError("'secagg-clipping-range' must be positive.")

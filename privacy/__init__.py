@@ -18,6 +18,7 @@ from privacy.accounting import (
     merge_history,
     noise_multiplier_for,
 )
+from privacy.distributed import CLIENT_LEVEL_DELTA, planned_client_epsilon, privatize_update
 from privacy.dp import (
     DPPlan,
     DPRequest,
@@ -31,6 +32,7 @@ from privacy.ledger import LedgerRound, PrivacyLedger
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIENT_LEVEL_DELTA",
     "BudgetExhausted",
     "DPPlan",
     "DPRequest",
@@ -48,5 +50,7 @@ __all__ = [
     "merge_history",
     "noise_multiplier_for",
     "noise_share",
+    "planned_client_epsilon",
+    "privatize_update",
     "resolve_dp",
 ]

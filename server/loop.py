@@ -24,6 +24,7 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from fedrad import keys
 from fedrad.config import RunConfig
 from models import ModelSpec
+from privacy import CLIENT_LEVEL_DELTA, client_level_epsilon
 from server.metrics import summarize
 from server.rundir import RunDir
 from server.secagg import default_threshold, secure_train_round
@@ -246,18 +247,22 @@ class Federation:
         nodes = [m.metadata.dst_node_id for m in messages]
         if not nodes:
             return None, collected
+        threshold = self.config.secagg_threshold or default_threshold(len(nodes))
+        site_config = messages[0].content[keys.CONFIG]  # keeps FedProx's proximal-mu
+        site_config[keys.NOISE_SHARES] = threshold  # client-level DP: noise per survivor set
         result = secure_train_round(
             self.grid,
             nodes,
             server_round=server_round,
             arrays=arrays,
-            site_config=messages[0].content[keys.CONFIG],  # keeps FedProx's proximal-mu
-            threshold=self.config.secagg_threshold or default_threshold(len(nodes)),
+            site_config=site_config,
+            threshold=threshold,
             clipping_range=self.config.secagg_clipping_range,
             timeout=self.config.round_timeout,
         )
         collected.failures.update(result.failures)
         collected.secure = {
+            **self._client_level_epsilon(server_round),
             "status": result.status,
             "reason": result.reason,
             "contributors": result.contributors,
@@ -285,6 +290,19 @@ class Federation:
         )
         aggregated, _ = self.strategy.aggregate_train(server_round, [mean])
         return (None if aggregated is None else arrays_to_numpy(aggregated)), collected
+
+    def _client_level_epsilon(self, server_round: int) -> dict[str, float]:
+        """Client-level epsilon after this round, when the run uses distributed DP."""
+        if self.config.dp != "client":
+            return {}
+        delta = self.config.delta or CLIENT_LEVEL_DELTA
+        epsilon = client_level_epsilon(
+            noise_multiplier=self.config.noise_multiplier,
+            site_sample_rate=self.config.fraction_train,
+            rounds=server_round,
+            delta=delta,
+        )
+        return {"client-level-epsilon": epsilon, "client-level-delta": delta}
 
     def _evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         messages = [

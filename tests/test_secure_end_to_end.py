@@ -56,3 +56,33 @@ def test_aggregators_needing_individual_updates_are_refused(three_sites, tmp_pat
 
     assert code == 2
     assert "individual update" in capsys.readouterr().err
+
+
+def _client_dp_run(sites, run_dir, noise):
+    return run_command(fedrad_command(
+        "simulate", str(sites), "--out", str(run_dir), "--num-server-rounds", "2",
+        "--image-size", "32", "--batch-size", "8", "--min-sites", "3",
+        "--secure-aggregation", "true", "--dp", "client", "--noise-multiplier", noise,
+        "--study-id", "client-study",
+        "--max-grad-norm", "0.5"), timeout=400)
+
+
+def test_client_level_dp_adds_noise_shares_under_secure_aggregation(three_sites, tmp_path):
+    result = _client_dp_run(three_sites, tmp_path / "run", "1.5")
+    rounds = [json.loads(line)
+              for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    assert result.returncode == 0, result.stdout[-4000:]
+    eps = [r["train"]["secure-aggregation"]["client-level-epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1]  # accounted over rounds
+    # sites weigh equally under client-level DP: the secure total weight is the site count
+    assert rounds[0]["train"]["secure-aggregation"]["totals"]["num-examples"] == pytest.approx(3)
+
+
+def test_client_level_dp_above_the_site_ceiling_is_refused(three_sites, tmp_path):
+    result = _client_dp_run(three_sites, tmp_path / "run", "0.2")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    assert result.returncode == 1
+    assert summary["status"] == "stopped"
+    assert "max-epsilon" in summary["reason"]
