@@ -29,7 +29,7 @@ ALLOWED_RECORDS: dict[str, type] = {
 }
 
 
-def check_reply(content: RecordDict, *, min_cell_count: int) -> None:
+def check_reply(content: RecordDict, *, min_cell_count: int | None = None) -> None:
     """Raise ReplyNotAllowed unless every record and key of ``content`` is allowed.
 
     Subgroup cells must name a known attribute and value and count at least
@@ -50,6 +50,8 @@ def check_reply(content: RecordDict, *, min_cell_count: int) -> None:
                 raise ReplyNotAllowed(f"record '{name}' may not leave the site: {exc}") from exc
             continue
         if name == keys.SUBGROUPS:
+            if min_cell_count is None:
+                raise ReplyNotAllowed("subgroup counts need the site's min-cell-count")
             bad = [
                 k
                 for k, v in record.items()
