@@ -161,7 +161,7 @@ class RunConfig:
     num_classes: int = 2
     positive_label: int = 1
     model: str = "cnn"
-    num_server_rounds: int = 10
+    num_server_rounds: int = 12
     local_epochs: int = 3
     learning_rate: float = 0.001
     batch_size: int = 32

@@ -12,9 +12,9 @@ from fedrad.synth.sites import SiteProfile
 AIR, BODY, LUNG = 0.06, 0.66, 0.26
 """Display intensities (0..1) outside the body, of soft tissue and of aerated lung."""
 MAX_STORED = 4095  # BitsStored 12
-LESION_RADIUS = (0.07, 0.2)
+LESION_RADIUS = (0.08, 0.22)
 """Range of lesion radii in grid units (the image spans 2): about 2 to 6 pixels at 64 px."""
-LESION_CONTRAST = (0.15, 1.5)
+LESION_CONTRAST = (0.3, 1.5)
 """Log-uniform range of lesion contrast, as a fraction of the lung-to-tissue difference."""
 
 
