@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from client.transforms import TransformConfig
+from fedrad.durable import replace_atomically, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +48,6 @@ def transform_digest(config: TransformConfig) -> str:
 def sample_key(file_hashes: list[str]) -> str:
     """Key of a sample made of these files (in order)."""
     return hashlib.sha256("|".join(file_hashes).encode()).hexdigest()
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class SiteCache:
@@ -137,7 +124,7 @@ class SiteCache:
         if not self._dirty:
             return
         payload = json.dumps({"format": CACHE_FORMAT, "files": self.files}, sort_keys=True)
-        _atomic(self._files_path, lambda p: p.write_text(payload))
+        write_atomic(self._files_path, payload.encode())
         samples = dict(self.samples)
-        _atomic(self._samples_path, lambda p: save_file(samples, str(p)))
+        replace_atomically(self._samples_path, lambda p: save_file(samples, str(p)))
         self._dirty = False

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,6 +32,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedrad.config import SCHEMA_VERSION, RunConfig
+from fedrad.durable import replace_atomically
 from fedrad.errors import RunDirError
 
 RUN_FILE = "run.json"
@@ -46,21 +46,11 @@ ROUNDS_DIR = "rounds"
 _PACKAGES = ("fedrad", "flwr", "torch", "monai", "opacus", "pydicom", "numpy", "cryptography")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    replace_atomically(
+        path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    )
 
 
 def read_json(path: Path) -> Any:
@@ -158,7 +148,7 @@ class RunDir:
     def save_initial(self, arrays: dict[str, np.ndarray]) -> None:
         """Save the initial global model (before round 1) for comparison and audit."""
         tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        _atomic_write(self.path / INITIAL_MODEL_FILE, lambda p: save_file(tensors, str(p)))
+        replace_atomically(self.path / INITIAL_MODEL_FILE, lambda p: save_file(tensors, str(p)))
 
     def save_checkpoint(
         self,
@@ -170,9 +160,9 @@ class RunDir:
         """Save a round's model and strategy state; update the run's latest model. Return sha256."""
         folder = self.round_dir(server_round)
         tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        _atomic_write(folder / MODEL_FILE, lambda p: save_file(tensors, str(p)))
+        replace_atomically(folder / MODEL_FILE, lambda p: save_file(tensors, str(p)))
         state = {k: np.ascontiguousarray(v) for k, v in strategy_state.items()}
-        _atomic_write(folder / STRATEGY_FILE, lambda p: save_file(state, str(p)))
+        replace_atomically(folder / STRATEGY_FILE, lambda p: save_file(state, str(p)))
         digest = sha256_file(folder / MODEL_FILE)
         meta = {
             "schema-version": SCHEMA_VERSION,
@@ -181,7 +171,9 @@ class RunDir:
             "sha256": digest,
         }
         write_json(folder / MODEL_META, meta)
-        _atomic_write(self.path / MODEL_FILE, lambda p: shutil.copyfile(folder / MODEL_FILE, p))
+        replace_atomically(
+            self.path / MODEL_FILE, lambda p: shutil.copyfile(folder / MODEL_FILE, p)
+        )
         write_json(self.path / MODEL_META, meta)
         return digest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-import privacy.ledger
 from fedrad.errors import ConfigError, FedradError
 from privacy import (
     BudgetExhausted,
@@ -325,7 +325,7 @@ def test_crash_before_replace_keeps_old_ledger(
     def crash(src: str, dst: str) -> None:
         raise OSError("simulated power cut")
 
-    monkeypatch.setattr(privacy.ledger.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)  # fedrad.durable renames with os.replace
 
     # Execute
     with pytest.raises(LedgerError, match="keeps its previous state"):
