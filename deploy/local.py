@@ -1,0 +1,352 @@
+"""Start a whole consortium on one machine, the way real sites start theirs: for development.
+
+One TLS SuperLink with node authentication and one SuperNode per site folder, all on loopback,
+each started with the installed Flower command an operator or a hospital runs::
+
+    python deploy/local.py WORKDIR --sites-dir SITES_DIR [--nodes N] [--port P]
+
+WORKDIR receives the CA, the SuperLink certificate and one node key pair per site
+(``certs/``, made by ``privacy.certs`` unless already there), the operator's Flower
+configuration (``flwr-home/config.toml`` with the connection ``fedrad-local``), each node's own
+disk (``nodes/site-N/``: FLWR_HOME, privacy ledger, sample cache) and every log (``logs/``).
+Once all nodes are online it prints the ``flwr run`` command and waits; Ctrl-C (or SIGTERM)
+stops every process it started, by PID. Ports are picked free unless ``--port`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from fedrad.sites import list_site_dirs  # noqa: E402
+from privacy.certs import (  # noqa: E402
+    CertificateAuthority,
+    ServerCertificate,
+    create_ca,
+    create_node_key_pair,
+    create_server_certificate,
+)
+
+log = logging.getLogger("fedrad.deploy.local")
+
+BIN = Path(sys.executable).parent
+CONNECTION = "fedrad-local"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid``: Flower starts some helpers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_groups(pids: Sequence[int], sig: signal.Signals) -> None:
+    own = os.getpgrp()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group == own:
+                os.kill(pid, sig)
+            else:
+                os.killpg(group, sig)
+
+
+@dataclass
+class Child:
+    """A started Flower command, in its own process group, logging to ``log``."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process tree, then SIGKILL whatever outlives ``grace`` seconds."""
+        pids = [self.proc.pid, *_descendants(self.proc.pid)]
+        _signal_groups(pids, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        _signal_groups(pids, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def start(name: str, args: list[str], *, env: dict[str, str], log_dir: Path) -> Child:
+    """Start ``args`` in a new session with output to ``log_dir/<name>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{name}.log"
+    with path.open("ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    log.info("started %s (pid %d): %s", name, proc.pid, " ".join(args))
+    return Child(name, proc, path)
+
+
+def flwr_json(args: list[str], *, env: dict[str, str]) -> dict[str, object]:
+    """Run a ``flwr ... --format json`` command and return its JSON answer."""
+    out = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    ).stdout
+    try:
+        return dict(json.loads(out[out.index("{") :]))
+    except ValueError:
+        raise RuntimeError(f"flwr {' '.join(args)} gave no JSON answer:\n{out}") from None
+
+
+def make_credentials(
+    certs: Path, sites: Sequence[str]
+) -> tuple[CertificateAuthority, ServerCertificate]:
+    """The CA, the SuperLink certificate and one key pair per site; existing files are kept."""
+    ca = CertificateAuthority(cert=certs / "ca.pem", key=certs / "ca.key")
+    if not ca.cert.is_file():
+        ca = create_ca(certs, common_name="fedrad local CA")
+    server = ServerCertificate(
+        cert=certs / "superlink.pem", key=certs / "superlink.key", ca=ca.cert
+    )
+    if not server.cert.is_file():
+        server = create_server_certificate(
+            ca, certs, hostnames=["localhost"], ip_addresses=["127.0.0.1"]
+        )
+    for site in sites:
+        if not (certs / f"{site}.key").is_file():
+            create_node_key_pair(certs, site)
+    return ca, server
+
+
+def register(public_key: Path, *, env: dict[str, str]) -> None:
+    """``flwr supernode register``; a key already registered (same database) is fine."""
+    answer = flwr_json(["supernode", "register", str(public_key), CONNECTION], env=env)
+    # flwr exits 0 even when registration fails: read the answer, not the status
+    if not answer.get("success") and "already in use" not in str(answer.get("error-message")):
+        raise RuntimeError(f"could not register {public_key}: {answer}")
+    log.info("registered %s: %s", public_key.name, answer.get("node-id", "already registered"))
+
+
+def wait_until(what: str, check: Callable[[], bool], *, timeout: float, link: Child) -> None:
+    """Poll ``check()`` every second; raise if the SuperLink dies or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if link.proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited ({link.proc.returncode}); see {link.log}")
+        if check():
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; see {link.log}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _online(env: dict[str, str], expected: int) -> bool:
+    nodes = flwr_json(["supernode", "ls", CONNECTION], env=env).get("nodes")
+    statuses = [n.get("status") for n in nodes] if isinstance(nodes, list) else []
+    return statuses.count("online") >= expected
+
+
+def launch(
+    workdir: Path,
+    site_dirs: Sequence[Path],
+    children: list[Child],
+    *,
+    port: int,
+    min_cell_count: int,
+) -> None:
+    """Start the SuperLink and one SuperNode per site folder; return once all are online.
+
+    Every process started is appended to ``children`` at once, so a caller can stop them all
+    even when a later step fails.
+    """
+    sites = [d.name for d in site_dirs]
+    ca, server = make_credentials(workdir / "certs", sites)
+    logs = workdir / "logs"
+    flwr_home = workdir / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca.cert}"\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    link = start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(ca.cert),
+            "--ssl-certfile",
+            str(server.cert),
+            "--ssl-keyfile",
+            str(server.key),
+            "--enable-supernode-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(workdir / "superlink.db"),
+        ],
+        env=env,
+        log_dir=logs,
+    )
+    children.append(link)
+    wait_until("the SuperLink to listen", lambda: _listening(port), timeout=60, link=link)
+    for site, data_dir in zip(sites, site_dirs, strict=True):
+        register(workdir / "certs" / f"{site}.pub", env=env)
+        disk = workdir / "nodes" / site
+        node_config = (
+            f"data-dir='{data_dir}' site-id='{site}' ledger-dir='{disk / 'ledger'}' "
+            f"cache-dir='{disk / 'cache'}' min-cell-count={min_cell_count}"
+        )
+        children.append(
+            start(
+                site,
+                [
+                    str(BIN / "flower-supernode"),
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--root-certificates",
+                    str(ca.cert),
+                    "--auth-supernode-private-key",
+                    str(workdir / "certs" / f"{site}.key"),
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config,
+                ],
+                env={**env, "FLWR_HOME": str(disk / "flwr-home")},
+                log_dir=logs,
+            )
+        )
+    wait_until(
+        f"{len(sites)} SuperNodes online", lambda: _online(env, len(sites)), timeout=120, link=link
+    )
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", type=Path, help="folder for certificates, state and logs")
+    parser.add_argument(
+        "--sites-dir",
+        type=Path,
+        required=True,
+        help="folder of site folders (e.g. written by 'fedrad synth')",
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=0, help="number of SuperNodes (default: one per site folder)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="SuperLink port for Fleet, Control and Runtime APIs (default: free)",
+    )
+    parser.add_argument(
+        "--min-cell-count",
+        type=int,
+        default=10,
+        help="each node's smallest reported subgroup count",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the local consortium, print how to run on it, stop everything on Ctrl-C."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
+    args = _parse_args(argv)
+    sites_dir = args.sites_dir.expanduser().resolve()
+    site_dirs = list_site_dirs(sites_dir)
+    if args.nodes:
+        if args.nodes > len(site_dirs):
+            raise SystemExit(
+                f"--nodes {args.nodes}: {args.sites_dir} holds {len(site_dirs)} site(s)."
+            )
+        site_dirs = site_dirs[: args.nodes]
+    workdir = args.workdir.expanduser().resolve()
+    stop = {"signal": 0}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    children: list[Child] = []
+    try:
+        launch(
+            workdir,
+            site_dirs,
+            children,
+            port=args.port or free_port(),
+            min_cell_count=args.min_cell_count,
+        )
+        flwr_home = workdir / "flwr-home"
+        (workdir / "pids.json").write_text(json.dumps({c.name: c.proc.pid for c in children}))
+        print(
+            f"fedrad local federation ready: {len(children) - 1} SuperNode(s), logs in "
+            f"{workdir / 'logs'}\nRun on it from the repository root with:\n"
+            f"  FLWR_HOME={flwr_home} flwr run . {CONNECTION} --stream "
+            f"-c \"sites-dir='{sites_dir}' out-dir='{workdir / 'runs' / 'run-1'}'\"\n"
+            "Ctrl-C stops every process.",
+            flush=True,
+        )
+        while not stop["signal"]:
+            if children[0].proc.poll() is not None:
+                log.error(
+                    "the SuperLink exited (%s); see %s",
+                    children[0].proc.returncode,
+                    children[0].log,
+                )
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        for child in reversed(children):
+            child.stop()
+        log.info("stopped %d process(es)", len(children))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,589 @@
+"""A real deployment on loopback: TLS SuperLink, registered SuperNodes, ``flwr run .``.
+
+Every component is started the way an operator or a hospital starts it (the installed
+``flower-superlink``, ``flwr``, ``flower-supernode`` commands), each in its own process group,
+each stopped by PID when the test ends. Flower 1.42 serves the Fleet, Control and Runtime APIs of
+a SuperLink on one HTTPS port (``--host``/``--port``); a SuperNode's own Runtime API takes its own
+``--port``. Every port is picked free. Flower's ``flwr_exit`` logs its code ("Exit Code: 305")
+but the process itself exits with status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+from safetensors.numpy import load_file
+
+from fedrad.synth import SynthConfig, write_consortium
+from privacy.certs import (
+    CertificateAuthority,
+    ServerCertificate,
+    create_ca,
+    create_node_key_pair,
+    create_server_certificate,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "fedrad-test"
+SITES = ("site-1", "site-2", "site-3")
+RUN_CONFIG = (
+    "num-server-rounds=2 image-size=32 batch-size=16 min-sites=2 dp='sample' "
+    "study-id='deploy-test' target-epsilon=8 optimizer='sgd' learning-rate=0.5 round-timeout=120"
+)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Flower detaches some children into new sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_tree(pids: list[int], sig: signal.Signals) -> None:
+    own_group = os.getpgrp()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != own_group:
+                os.killpg(group, sig)
+            else:
+                os.kill(pid, sig)
+
+
+@dataclass
+class Launched:
+    """One started command: its process (own process group) and its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, *, grace: float = 10.0) -> None:
+        """SIGTERM the process tree by PID, then SIGKILL what is left after ``grace`` seconds."""
+        pids = [self.proc.pid, *_descendants(self.proc.pid)]
+        _signal_tree(pids, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
+            time.sleep(0.1)
+        _signal_tree([p for p in pids if _alive(p)], signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree at once, as a crashing host would."""
+        _signal_tree([self.proc.pid, *_descendants(self.proc.pid)], signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Launcher:
+    """Starts commands in their own process groups and stops all of them at teardown."""
+
+    log_dir: Path
+    started: list[Launched] = field(default_factory=list)
+
+    def start(
+        self, name: str, args: list[str], *, env: dict[str, str], cwd: Path | None = None
+    ) -> Launched:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        launched = Launched(name, proc, log)
+        self.started.append(launched)
+        return launched
+
+    def stop_all(self) -> None:
+        for launched in reversed(self.started):
+            launched.stop()
+
+
+def run(args: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None = None) -> str:
+    """Run a short command to completion (own process group, killed on timeout); return output."""
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], object],
+    *,
+    timeout: float,
+    every: float = 0.5,
+    logs: Sequence[Launched] = (),
+) -> None:
+    """Poll ``check()`` until it is truthy; after ``timeout`` fail with the tails of ``logs``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    tails = "\n".join(f"--- {log.name}\n{log.output()[-3000:]}" for log in logs)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
+
+
+def _environment(home: Path, flwr_home: Path) -> dict[str, str]:
+    """A user's environment with its own HOME and FLWR_HOME, no telemetry, no runtime installs."""
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+
+
+# ---------------------------------------------------------------- the SuperLink
+
+
+@dataclass
+class SuperLink:
+    """A TLS SuperLink with node authentication, and the operator's ``flwr`` environment."""
+
+    process: Launched
+    port: int
+    ca: CertificateAuthority
+    server: ServerCertificate
+    keys_dir: Path
+    env: dict[str, str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def register(self, public_key: Path) -> str:
+        """``flwr supernode register KEY.pub CONNECTION``; return the node id it was given."""
+        output = run(
+            [
+                str(BIN / "flwr"),
+                "supernode",
+                "register",
+                str(public_key),
+                CONNECTION,
+                "--format",
+                "json",
+            ],
+            env=self.env,
+            timeout=60,
+        )
+        return str(json.loads(output[output.index("{") :])["node-id"])
+
+    def nodes(self) -> dict[str, str]:
+        """Registered node ids and their status (``online``, ``offline``, ``registered``)."""
+        output = run(
+            [str(BIN / "flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+            env=self.env,
+            timeout=60,
+        )
+        listing = json.loads(output[output.index("{") :])
+        return {n["node-id"]: n["status"] for n in listing["nodes"]}
+
+
+def _write_connection(flwr_home: Path, address: str, ca: Path) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuperLink]:
+    """Certificates, a TLS SuperLink with ``--enable-supernode-auth``, a ``flwr`` connection."""
+    base = tmp_path_factory.mktemp("superlink")
+    certs = base / "certs"
+    ca = create_ca(certs)
+    server = create_server_certificate(
+        ca, certs, hostnames=["localhost"], ip_addresses=["127.0.0.1"]
+    )
+    port = free_port()
+    env = _environment(base / "home", base / "flwr-home")
+    _write_connection(base / "flwr-home", f"127.0.0.1:{port}", ca.cert)
+    launcher = Launcher(base / "logs")
+    process = launcher.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(ca.cert),
+            "--ssl-certfile",
+            str(server.cert),
+            "--ssl-keyfile",
+            str(server.key),
+            "--enable-supernode-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(base / "state.db"),
+            "--log-file",
+            str(base / "logs" / "superlink-rotating.log"),
+        ],
+        env=env,
+    )
+    try:
+        wait_for(
+            "the SuperLink to listen",
+            lambda: (
+                "Uvicorn running on https://" in process.output() or process.proc.poll() is not None
+            ),
+            timeout=60,
+            logs=[process],
+        )
+        assert process.proc.poll() is None, process.output()[-4000:]
+        yield SuperLink(process, port, ca, server, certs, env)
+    finally:
+        launcher.stop_all()
+
+
+# ---------------------------------------------------------------- SuperNodes
+
+
+def supernode_command(
+    link: SuperLink, *, key: Path | None, port: int, node_config: str, with_ca: bool = True
+) -> list[str]:
+    """The command a hospital runs; ``with_ca=False`` leaves out ``--root-certificates``."""
+    args = [str(BIN / "flower-supernode"), "--superlink", link.address]
+    if with_ca:
+        args += ["--root-certificates", str(link.ca.cert)]
+    if key is not None:
+        args += ["--auth-supernode-private-key", str(key)]
+    return [*args, "--port", str(port), "--node-config", node_config]
+
+
+def run_until_exit(name: str, args: list[str], base: Path, *, timeout: float) -> tuple[int, str]:
+    """Start a SuperNode that should give up by itself; return its exit status and output."""
+    launcher = Launcher(base / "logs")
+    try:
+        node = launcher.start(name, args, env=_environment(base / "home", base / "flwr-home"))
+        try:
+            code = node.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still running after {timeout} s:\n{node.output()[-3000:]}")
+        return code, node.output()
+    finally:
+        launcher.stop_all()
+
+
+@dataclass
+class Federation:
+    """Three registered, online SuperNodes, one per synthetic site."""
+
+    link: SuperLink
+    nodes: dict[str, Launched]
+    node_ids: dict[str, str]
+    base: Path
+
+
+@pytest.fixture
+def federation(superlink: SuperLink, tmp_path: Path) -> Iterator[Federation]:
+    sites_dir = tmp_path / "sites"
+    write_consortium(
+        sites_dir, SynthConfig(sites=3, image_size=32, samples_per_site=24), overwrite=True
+    )
+    launcher = Launcher(tmp_path / "logs")
+    try:
+        nodes, node_ids = {}, {}
+        for site in SITES:
+            keys = create_node_key_pair(superlink.keys_dir, f"{site}-{tmp_path.name}")
+            node_ids[site] = superlink.register(keys.public)
+            node = tmp_path / site  # a hospital's own disk
+            node_config = (
+                f"data-dir='{sites_dir / site}' site-id='{site}' ledger-dir='{node / 'ledger'}' "
+                f"cache-dir='{node / 'cache'}' min-cell-count=1"
+            )
+            nodes[site] = launcher.start(
+                site,
+                supernode_command(
+                    superlink, key=keys.private, port=free_port(), node_config=node_config
+                ),
+                env=_environment(node / "home", node / "flwr-home"),
+            )
+        wait_for(
+            "all three SuperNodes online",
+            lambda: all(superlink.nodes().get(i) == "online" for i in node_ids.values()),
+            timeout=90,
+            every=2.0,
+            logs=[superlink.process, *nodes.values()],
+        )
+        yield Federation(superlink, nodes, node_ids, tmp_path)
+    finally:
+        launcher.stop_all()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deployment_survives_a_site_lost_in_round_2(federation: Federation, tmp_path: Path) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    launcher = Launcher(tmp_path / "logs")
+    killed, survivors = "site-3", ("site-1", "site-2")
+
+    # Execute: flwr run ., and pull site-3's plug as soon as round 1 is checkpointed
+    try:
+        flwr_run = launcher.start(
+            "flwr-run",
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                CONNECTION,
+                "--stream",
+                "-c",
+                f"{RUN_CONFIG} out-dir='{run_dir}'",
+            ],
+            env=federation.link.env,
+            cwd=ROOT,
+        )
+        wait_for(
+            "round 1's checkpoint",
+            lambda: (
+                (run_dir / "rounds" / "round-0001").is_dir() or flwr_run.proc.poll() is not None
+            ),
+            timeout=300,
+            logs=[flwr_run, federation.link.process],
+        )
+        assert (run_dir / "rounds" / "round-0001").is_dir(), (
+            f"flwr run ended before round 1:\n{flwr_run.output()[-6000:]}"
+        )
+        federation.nodes[killed].kill()
+        # the SuperLink declares the lost node unavailable after two missed heartbeats (60 s)
+        wait_for(
+            "the run to end",
+            lambda: (run_dir / "summary.json").is_file() or flwr_run.proc.poll() is not None,
+            timeout=280,
+            every=1.0,
+            logs=[flwr_run, federation.link.process],
+        )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            flwr_run.proc.wait(timeout=30)  # the log stream ends once the run has finished
+        assert (run_dir / "summary.json").is_file(), flwr_run.output()[-6000:]
+    finally:
+        launcher.stop_all()
+
+    # Assert
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first, second = _rounds(run_dir)
+    assert summary["status"] == "completed", summary
+    assert summary["rounds-completed"] == 2
+    assert sorted(first["train"]["sites"]) == list(SITES)
+    # round 2: the two survivors trained and were evaluated; the lost site is a failure
+    assert sorted(second["train"]["sites"]) == list(survivors)
+    assert len(second["train"]["failures"]) == 1, second["train"]["failures"]
+    assert "Node Unavailable" in next(iter(second["train"]["failures"].values()))
+    assert sorted(second["evaluate"]["sites"]) == list(survivors)
+    survivors_val = sum(second["evaluate"]["sites"][s]["num-examples"] for s in survivors)
+    assert second["evaluate"]["aggregate"]["num-examples"] == survivors_val
+    # the aggregate moved the model, and the run's final model is round 2's
+    assert second["start-model-sha256"] != first["start-model-sha256"]
+    assert second["model-sha256"] != first["model-sha256"]
+    round_1 = load_file(str(run_dir / "rounds" / "round-0001" / "model.safetensors"))
+    final = load_file(str(run_dir / "model.safetensors"))
+    assert any((final[k] != round_1[k]).any() for k in final)
+    # each survivor's epsilon is cumulative over the two rounds and within the study budget
+    for site in survivors:
+        eps_1 = first["train"]["sites"][site]["epsilon"]
+        eps_2 = second["train"]["sites"][site]["epsilon"]
+        assert 0 < eps_1 < eps_2 <= 8.0 + 1e-6, (site, eps_1, eps_2)
+    assert flwr_run.proc.returncode == 0, flwr_run.output()[-4000:]
+
+
+def test_unregistered_node_is_refused(superlink: SuperLink, tmp_path: Path) -> None:
+    # Prepare: a valid P-384 key the operator never registered
+    keys = create_node_key_pair(tmp_path, "rogue")
+    args = supernode_command(
+        superlink, key=keys.private, port=free_port(), node_config=f"data-dir='{tmp_path}'"
+    )
+
+    # Execute
+    started = time.monotonic()
+    code, output = run_until_exit("rogue", args, tmp_path, timeout=60)
+
+    # Assert
+    assert code != 0, output[-3000:]
+    assert "Exit Code: 305" in output, output[-3000:]
+    assert time.monotonic() - started < 60
+
+
+def test_node_without_the_ca_cannot_join(superlink: SuperLink, tmp_path: Path) -> None:
+    # Prepare: a registered key, but no --root-certificates (the system store does not know our CA)
+    keys = create_node_key_pair(superlink.keys_dir, f"no-ca-{tmp_path.name}")
+    node_id = superlink.register(keys.public)
+    args = supernode_command(
+        superlink,
+        key=keys.private,
+        port=free_port(),
+        node_config=f"data-dir='{tmp_path}'",
+        with_ca=False,
+    )
+
+    # Execute
+    code, output = run_until_exit("no-ca", args, tmp_path, timeout=60)
+
+    # Assert
+    assert code != 0, output[-3000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in output, output[-3000:]
+    assert superlink.nodes()[node_id] == "registered"  # it never came online
+
+
+def test_local_launcher_starts_a_federation_and_stops_every_process(tmp_path: Path) -> None:
+    # Prepare
+    sites_dir = tmp_path / "sites"
+    write_consortium(
+        sites_dir, SynthConfig(sites=2, image_size=32, samples_per_site=20), overwrite=True
+    )
+    launcher = Launcher(tmp_path / "logs")
+    env = _environment(tmp_path / "home", tmp_path / "unused-flwr-home")
+
+    # Execute: start it as a developer would, then Ctrl-C (SIGTERM) it
+    try:
+        script = launcher.start(
+            "local",
+            [
+                sys.executable,
+                str(ROOT / "deploy" / "local.py"),
+                str(tmp_path / "work"),
+                "--sites-dir",
+                str(sites_dir),
+                "--min-cell-count",
+                "1",
+            ],
+            env=env,
+        )
+        wait_for(
+            "the local federation",
+            lambda: "federation ready" in script.output() or script.proc.poll() is not None,
+            timeout=180,
+            logs=[script],
+        )
+        assert script.proc.poll() is None, script.output()[-4000:]
+        pids = json.loads((tmp_path / "work" / "pids.json").read_text())
+        tree = _descendants(script.proc.pid)
+        alive_before = all(_alive(pid) for pid in pids.values())
+        os.kill(script.proc.pid, signal.SIGTERM)
+        code = script.proc.wait(timeout=60)
+    finally:
+        launcher.stop_all()
+
+    # Assert
+    assert sorted(pids) == ["site-1", "site-2", "superlink"]
+    assert alive_before
+    assert code == 0, script.output()[-4000:]
+    assert not [pid for pid in tree if _alive(pid)], "the launcher left processes behind"
+    assert "flwr run . fedrad-local" in script.output()
+
+
+def test_certs_command_makes_a_working_chain_and_never_overwrites_keys(tmp_path: Path) -> None:
+    # Prepare
+    spec = importlib.util.spec_from_file_location("deploy_certs", ROOT / "deploy" / "certs.py")
+    assert spec is not None and spec.loader is not None
+    certs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(certs)
+
+    # Execute
+    codes = [
+        certs.main(["ca", str(tmp_path / "ca")]),
+        certs.main(
+            [
+                "server",
+                str(tmp_path / "link"),
+                "--ca-dir",
+                str(tmp_path / "ca"),
+                "--host",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+            ]
+        ),
+        certs.main(["node-key", str(tmp_path / "keys"), "--name", "hospital-a"]),
+    ]
+    key_before = (tmp_path / "keys" / "hospital-a.key").read_bytes()
+    again = certs.main(["node-key", str(tmp_path / "keys"), "--name", "hospital-a"])
+
+    # Assert
+    assert codes == [0, 0, 0]
+    assert again == 2
+    assert (tmp_path / "keys" / "hospital-a.key").read_bytes() == key_before
+    store = Store([x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.pem").read_bytes())])
+    leaf = x509.load_pem_x509_certificate((tmp_path / "link" / "superlink.pem").read_bytes())
+    PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
