@@ -16,7 +16,7 @@ from client.dataset import IngestSettings, SiteDataset, load_site
 from client.transforms import TransformConfig
 from fedrad.config import NodeConfig, RunConfig
 from fedrad.errors import DataError
-from fedrad.sites import default_demo_sites_dir, list_site_dirs
+from fedrad.sites import ensure_demo_sites, list_site_dirs
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         return _site(node, data_dir, cache, ledger)
     if node.partition_id >= 0:
         raw = str(run_config.get("sites-dir", ""))
-        sites_dir = Path(raw).expanduser() if raw else default_demo_sites_dir()
+        sites_dir = Path(raw).expanduser() if raw else ensure_demo_sites()
         sites = list_site_dirs(sites_dir)
         if node.partition_id >= len(sites):
             raise DataError(

@@ -13,28 +13,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrad.config import RunConfig
-from fedrad.sites import default_demo_sites_dir, list_site_dirs
+from fedrad.sites import list_site_dirs
 from server.loop import Federation
 from server.rundir import RunDir, new_run_dir
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
-
-
-def ensure_demo_sites(config: RunConfig) -> Path:
-    """The sites folder of a run; synthesize the demo consortium when none is named."""
-    if config.sites_dir:
-        return Path(config.sites_dir).expanduser()
-    sites_dir = default_demo_sites_dir()
-    if not sites_dir.is_dir():
-        from fedrad.synth import SynthConfig, write_consortium
-
-        log.info("sites-dir is empty: synthesizing the demo consortium in %s", sites_dir)
-        write_consortium(
-            sites_dir, SynthConfig(sites=4, seed=config.seed, kind=config.kind, holdout=0.2)
-        )
-    return sites_dir
 
 
 def resolve_run_dir(config: RunConfig) -> RunDir:
@@ -52,10 +37,11 @@ def resolve_run_dir(config: RunConfig) -> RunDir:
 def main(grid: Grid, context: Context) -> None:
     """Run a federation as the run config describes."""
     config = RunConfig.from_user_config(context.run_config)
-    sites_dir = ensure_demo_sites(config)
-    sites = list_site_dirs(sites_dir)
     run_dir = resolve_run_dir(config)
-    log.info("run directory: %s (%d site folder(s) in %s)", run_dir.path, len(sites), sites_dir)
+    log.info("run directory: %s", run_dir.path)
+    if config.sites_dir:  # simulation with named site folders; in deployment sites own theirs
+        sites_dir = Path(config.sites_dir).expanduser()
+        log.info("%d site folder(s) in %s", len(list_site_dirs(sites_dir)), sites_dir)
     summary = Federation(grid, config, run_dir).run()
     log.info(
         "run %s after %d round(s); global model in %s",

@@ -88,19 +88,36 @@ class SiteReplies:
         return int(self.secure["contributors"]) if self.secure else len(self.ok)
 
 
-def _collect(replies: list[Message]) -> SiteReplies:
+def _collect(sent: list[Message], replies: list[Message], names: dict[int, str]) -> SiteReplies:
+    """Split replies into results and failures, each failure under the node it was sent to.
+
+    An error reply may come from the SuperLink itself (a node that vanished), so the node is
+    found through the message replied to, never the reply's source. ``names`` maps node ids
+    to the site names they reported earlier; it learns from this exchange.
+    """
     out = SiteReplies()
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    answered: set[int] = set()
     for msg in replies:
+        node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        answered.add(node)
         if msg.has_error():
-            out.failures[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
+            out.failures[_node_label(node, names)] = str(msg.error.reason)
             continue
         site = str(msg.content[keys.SITE][keys.SITE_ID])
+        names[node] = site
         metrics = next(iter(msg.content.metric_records.values()))
         out.results[site] = {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
         if keys.SUBGROUPS in msg.content:
             out.subgroups[site] = {k: int(v) for k, v in msg.content[keys.SUBGROUPS].items()}
         out.ok.append(msg)
+    for node in set(destination.values()) - answered:
+        out.failures[_node_label(node, names)] = "no reply within round-timeout"
     return out
+
+
+def _node_label(node: int, names: dict[int, str]) -> str:
+    return f"{names[node]} (node {node})" if node in names else f"node-{node}"
 
 
 def _evaluation_metrics(totals: dict[str, Any], config: RunConfig) -> dict[str, float]:
@@ -125,6 +142,7 @@ class Federation:
         self.run_dir = run_dir
         self.strategy = build_strategy(config)
         self.spec = model_spec(config)
+        self.site_names: dict[int, str] = {}
 
     def _site_config(self, server_round: int, split: str | None = None) -> ConfigRecord:
         values: dict[str, Any] = {
@@ -227,7 +245,7 @@ class Federation:
         if self.config.secure_aggregation:
             return self._secure_train_round(server_round, arrays, messages)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
-        collected = _collect(replies)
+        collected = _collect(messages, replies, self.site_names)
         if len(collected.ok) < self.config.min_sites:
             return None, collected
         try:
@@ -316,7 +334,7 @@ class Federation:
             for node_id in self.grid.get_node_ids()
         ]
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
-        collected = _collect(replies)
+        collected = _collect(messages, replies, self.site_names)
         per_site = {
             site: _evaluation_metrics(sums, self.config) for site, sums in collected.results.items()
         }
