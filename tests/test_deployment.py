@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
@@ -350,16 +351,20 @@ class Federation:
     base: Path
 
 
-@pytest.fixture
-def federation(superlink: SuperLink, tmp_path: Path) -> Iterator[Federation]:
+@contextlib.contextmanager
+def _federation(
+    superlink: SuperLink, tmp_path: Path, sites: tuple[str, ...]
+) -> Iterator[Federation]:
     sites_dir = tmp_path / "sites"
     write_consortium(
-        sites_dir, SynthConfig(sites=3, image_size=32, samples_per_site=24), overwrite=True
+        sites_dir,
+        SynthConfig(sites=len(sites), image_size=32, samples_per_site=24),
+        overwrite=True,
     )
     launcher = Launcher(tmp_path / "logs")
     try:
         nodes, node_ids = {}, {}
-        for site in SITES:
+        for site in sites:
             keys = create_node_key_pair(superlink.keys_dir, f"{site}-{tmp_path.name}")
             node_ids[site] = superlink.register(keys.public)
             node = tmp_path / site  # a hospital's own disk
@@ -375,7 +380,7 @@ def federation(superlink: SuperLink, tmp_path: Path) -> Iterator[Federation]:
                 env=_environment(node / "home", node / "flwr-home"),
             )
         wait_for(
-            "all three SuperNodes online",
+            "all SuperNodes online",
             lambda: all(superlink.nodes().get(i) == "online" for i in node_ids.values()),
             timeout=90,
             every=2.0,
@@ -384,6 +389,18 @@ def federation(superlink: SuperLink, tmp_path: Path) -> Iterator[Federation]:
         yield Federation(superlink, nodes, node_ids, tmp_path)
     finally:
         launcher.stop_all()
+
+
+@pytest.fixture
+def federation(superlink: SuperLink, tmp_path: Path) -> Iterator[Federation]:
+    with _federation(superlink, tmp_path, SITES) as started:
+        yield started
+
+
+@pytest.fixture
+def federation_of_four(superlink: SuperLink, tmp_path: Path) -> Iterator[Federation]:
+    with _federation(superlink, tmp_path, (*SITES, "site-4")) as started:
+        yield started
 
 
 # ---------------------------------------------------------------- tests
@@ -587,3 +604,78 @@ def test_certs_command_makes_a_working_chain_and_never_overwrites_keys(tmp_path:
     store = Store([x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.pem").read_bytes())])
     leaf = x509.load_pem_x509_certificate((tmp_path / "link" / "superlink.pem").read_bytes())
     PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
+
+
+def _run_and_kill(federation: Federation, tmp_path: Path, config: str, killed: str) -> Launched:
+    """Start ``flwr run .``, kill one SuperNode once round 1 is checkpointed, wait for the end."""
+    run_dir = tmp_path / "run"
+    launcher = Launcher(tmp_path / "logs")
+    try:
+        flwr_run = launcher.start(
+            "flwr-run",
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                CONNECTION,
+                "--stream",
+                "-c",
+                f"{config} out-dir='{run_dir}'",
+            ],
+            env=federation.link.env,
+            cwd=ROOT,
+        )
+        wait_for(
+            "round 1's checkpoint",
+            lambda: (
+                (run_dir / "rounds" / "round-0001").is_dir() or flwr_run.proc.poll() is not None
+            ),
+            timeout=400,
+            logs=[flwr_run, federation.link.process],
+        )
+        assert (run_dir / "rounds" / "round-0001").is_dir(), flwr_run.output()[-6000:]
+        federation.nodes[killed].kill()
+        wait_for(
+            "the run to end",
+            lambda: (run_dir / "summary.json").is_file() or flwr_run.proc.poll() is not None,
+            timeout=400,
+            every=1.0,
+            logs=[flwr_run, federation.link.process],
+        )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            flwr_run.proc.wait(timeout=30)
+        assert (run_dir / "summary.json").is_file(), flwr_run.output()[-6000:]
+        return flwr_run
+    finally:
+        launcher.stop_all()
+
+
+@pytest.mark.timeout(1000)
+def test_dp_and_secure_aggregation_survive_a_site_lost_mid_run(
+    federation_of_four: Federation, tmp_path: Path
+) -> None:
+    # Prepare: DP-SGD at every site, SecAgg+ over 4 sites (threshold 3), one site will vanish
+    config = (
+        "num-server-rounds=2 image-size=32 batch-size=16 min-sites=3 dp='sample' "
+        "study-id='deploy-secure' target-epsilon=8 optimizer='sgd' learning-rate=0.2 "
+        "round-timeout=200 secure-aggregation=true"
+    )
+
+    # Execute
+    _run_and_kill(federation_of_four, tmp_path, config, killed="site-4")
+
+    # Assert: round 2 completed from the three survivors' masked updates only
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first, second = _rounds(run_dir)
+    assert summary["status"] == "completed", summary
+    assert first["train"]["secure-aggregation"]["contributors"] == 4
+    secure = second["train"]["secure-aggregation"]
+    assert secure["status"] == "completed", secure
+    assert secure["contributors"] == 3
+    assert second["train"]["sites"] == {}  # no individual update reached the coordinator
+    assert second["model-sha256"] != first["model-sha256"]
+    round_1 = load_file(str(run_dir / "rounds" / "round-0001" / "model.safetensors"))
+    final = load_file(str(run_dir / "model.safetensors"))
+    assert all(np.isfinite(v).all() for v in final.values())
+    assert any((final[k] != round_1[k]).any() for k in final)
