@@ -413,50 +413,11 @@ def _rounds(run_dir: Path) -> list[dict]:
 def test_deployment_survives_a_site_lost_in_round_2(federation: Federation, tmp_path: Path) -> None:
     # Prepare
     run_dir = tmp_path / "run"
-    launcher = Launcher(tmp_path / "logs")
     killed, survivors = "site-3", ("site-1", "site-2")
 
     # Execute: flwr run ., and pull site-3's plug as soon as round 1 is checkpointed
-    try:
-        flwr_run = launcher.start(
-            "flwr-run",
-            [
-                str(BIN / "flwr"),
-                "run",
-                ".",
-                CONNECTION,
-                "--stream",
-                "-c",
-                f"{RUN_CONFIG} out-dir='{run_dir}'",
-            ],
-            env=federation.link.env,
-            cwd=ROOT,
-        )
-        wait_for(
-            "round 1's checkpoint",
-            lambda: (
-                (run_dir / "rounds" / "round-0001").is_dir() or flwr_run.proc.poll() is not None
-            ),
-            timeout=300,
-            logs=[flwr_run, federation.link.process],
-        )
-        assert (run_dir / "rounds" / "round-0001").is_dir(), (
-            f"flwr run ended before round 1:\n{flwr_run.output()[-6000:]}"
-        )
-        federation.nodes[killed].kill()
-        # the SuperLink declares the lost node unavailable after two missed heartbeats (60 s)
-        wait_for(
-            "the run to end",
-            lambda: (run_dir / "summary.json").is_file() or flwr_run.proc.poll() is not None,
-            timeout=280,
-            every=1.0,
-            logs=[flwr_run, federation.link.process],
-        )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            flwr_run.proc.wait(timeout=30)  # the log stream ends once the run has finished
-        assert (run_dir / "summary.json").is_file(), flwr_run.output()[-6000:]
-    finally:
-        launcher.stop_all()
+    # (the SuperLink declares the lost node unavailable after two missed heartbeats, 60 s)
+    flwr_run = _run_and_kill(federation, tmp_path, RUN_CONFIG, killed=killed)
 
     # Assert
     summary = json.loads((run_dir / "summary.json").read_text())
