@@ -184,7 +184,12 @@ class ClientSession:
             )
 
     def mask_input(
-        self, delivery: ShareDelivery, arrays: Mapping[str, np.ndarray], *, weight: int
+        self,
+        delivery: ShareDelivery,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        weight: int,
+        counts: Mapping[str, np.ndarray] | None = None,
     ) -> MaskedInput:
         """Store the neighbours' shares, then quantise, weight and mask the update.
 
@@ -196,6 +201,8 @@ class ClientSession:
             The update, named as in the round setup, every value within the clipping range.
         weight
             The site's integer weight (for example its number of training examples).
+        counts
+            The round's named counts (non-negative integers, summed exactly), if it has any.
 
         Raises
         ------
@@ -214,6 +221,10 @@ class ClientSession:
                 clipping_range=setup.clipping_range,
                 bits=setup.quantisation_bits,
                 max_weight=setup.max_weight,
+                counts=counts,
+                count_names=setup.count_names,
+                count_sizes=setup.count_sizes,
+                max_count=setup.max_count,
             )
             senders = self._checked_peers(delivery.senders, self._peer_mask_keys)
             for sender, sealed in zip(senders, delivery.sealed_shares, strict=True):

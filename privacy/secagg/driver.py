@@ -37,6 +37,8 @@ class InMemoryRound:
         Every participant's update and integer weight.
     drop_at
         Sites that vanish before sending the message of the given stage.
+    counts
+        Every participant's named counts, when the setup has counts.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class InMemoryRound:
         inputs: Mapping[NodeId, Update],
         *,
         drop_at: Mapping[NodeId, Stage] | None = None,
+        counts: Mapping[NodeId, Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         drops = dict(drop_at or {})
         if set(inputs) != set(setup.participants) or not set(drops) <= set(inputs):
@@ -52,6 +55,7 @@ class InMemoryRound:
         self.setup = setup
         self.inputs = dict(inputs)
         self.drop_at = drops
+        self.counts = dict(counts or {})
         self.server = ServerSession(setup)
         self.clients = {node: ClientSession(node) for node in setup.participants}
 
@@ -81,7 +85,11 @@ class InMemoryRound:
         for node, delivery in deliveries.items():
             if self._sends(node, Stage.MASKED_INPUT):
                 arrays, weight = self.inputs[node]
-                messages.append(self.clients[node].mask_input(delivery, arrays, weight=weight))
+                messages.append(
+                    self.clients[node].mask_input(
+                        delivery, arrays, weight=weight, counts=self.counts.get(node)
+                    )
+                )
         return self.server.collect_masked_inputs(messages)
 
     def unmask(self, requests: Mapping[NodeId, UnmaskRequest]) -> AggregateResult:

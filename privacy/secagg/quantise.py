@@ -5,6 +5,11 @@ with ``L = 2^bits - 1`` levels. A site with integer weight ``w`` sends ``w * q``
 and ``w`` itself as one extra word, so the masked sum gives both ``sum(w_i * q_i)`` and
 ``sum(w_i)``: a weighted FedAvg in one pass. Nothing is clipped: a value outside ``[-r, r]``
 raises, as does a modulus too small for the largest possible sum.
+
+A round may also sum *counts*: non-negative integers (evaluation sums such as confusion counts)
+that travel exactly, unweighted, between the weighted values and the weight word::
+
+    [w * q_1, ..., w * q_m, c_1, ..., c_k, w]
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import numpy as np
 from .errors import InputError, InputRangeError, ModulusOverflowError, ShareReconstructionError
 
 __all__ = [
+    "check_count_modulus",
     "check_modulus",
+    "decode_counts",
     "decode_sum",
     "encode_update",
     "quantisation_bound",
@@ -70,6 +77,16 @@ def check_modulus(*, num_clients: int, bits: int, max_weight: int, modulus_bits:
         )
 
 
+def check_count_modulus(*, num_clients: int, max_count: int, modulus_bits: int) -> None:
+    """Raise :class:`ModulusOverflowError` if a sum of counts could wrap around."""
+    needed = (num_clients * max_count).bit_length()
+    if needed > modulus_bits:
+        raise ModulusOverflowError(
+            f"A modulus of 2^{modulus_bits} is too small: {num_clients} sites x max count "
+            f"{max_count} needs {needed} bits. Raise modulus-bits or lower max-count."
+        )
+
+
 def encode_update(
     arrays: Mapping[str, np.ndarray],
     *,
@@ -79,16 +96,21 @@ def encode_update(
     clipping_range: float,
     bits: int,
     max_weight: int,
+    counts: Mapping[str, np.ndarray] | None = None,
+    count_names: Sequence[str] = (),
+    count_sizes: Sequence[int] = (),
+    max_count: int = 0,
 ) -> np.ndarray:
-    """Quantise ``arrays`` and return ``weight * q`` for every value followed by ``weight``.
+    """Quantise ``arrays``; return ``weight * q`` for every value, the counts, then ``weight``.
 
     Raises
     ------
     InputError
         If the names, shapes or dtypes differ from the round's.
     InputRangeError
-        If a value is not finite or lies outside ``[-clipping_range, clipping_range]``, or the
-        weight is not an integer in ``[1, max_weight]``.
+        If a value is not finite or lies outside ``[-clipping_range, clipping_range]``, the
+        weight is not an integer in ``[1, max_weight]``, or a count is not an integer in
+        ``[0, max_count]``.
     """
     if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
         raise InputRangeError(f"The weight must be an integer, got {weight!r}.")
@@ -106,8 +128,36 @@ def encode_update(
         _quantise(name, arrays[name], shape, clipping_range, levels)
         for name, shape in zip(names, shapes, strict=True)
     ]
-    encoded = np.concatenate([*parts, np.ones(1, dtype=np.uint64)])
-    return encoded * np.uint64(weight)
+    weighted = np.concatenate([*parts, np.zeros(0, dtype=np.uint64)]) * np.uint64(weight)
+    exact = _counts(counts or {}, count_names, count_sizes, max_count)
+    return np.concatenate([weighted, exact, np.array([weight], dtype=np.uint64)])
+
+
+def _counts(
+    counts: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    sizes: Sequence[int],
+    max_count: int,
+) -> np.ndarray:
+    if set(counts) != set(names):
+        raise InputError(f"The counts are {sorted(counts)}, the round expects {sorted(names)}.")
+    parts = []
+    for name, size in zip(names, sizes, strict=True):
+        values = np.asarray(counts[name])
+        if values.size != size or not (
+            np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.bool_)
+        ):
+            raise InputError(
+                f"Count {name!r} must hold {size} integers, got {values.size} of {values.dtype}."
+            )
+        flat = values.astype(np.int64).ravel()
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) > max_count):
+            raise InputRangeError(
+                f"Count {name!r} holds a value outside [0, {max_count}]; counts are "
+                "non-negative and bounded by the round's max-count."
+            )
+        parts.append(flat.astype(np.uint64))
+    return np.concatenate([*parts, np.zeros(0, dtype=np.uint64)])
 
 
 def decode_sum(
@@ -128,7 +178,7 @@ def decode_sum(
     """
     total_weight = int(total[-1])
     levels = quantisation_levels(bits)
-    sums = total[:-1]
+    sums = total[: sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes)]
     if total_weight < 1 or (sums.size and int(sums.max()) > total_weight * levels):
         raise ShareReconstructionError(
             "The unmasked sum is out of range: some mask was not removed correctly."
@@ -141,6 +191,20 @@ def decode_sum(
         arrays[name] = mean[offset : offset + size].reshape(shape)
         offset += size
     return arrays, total_weight
+
+
+def decode_counts(
+    total: np.ndarray, *, value_length: int, names: Sequence[str], sizes: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Return the summed counts of an unmasked sum, by name (int64, flat)."""
+    counts: dict[str, np.ndarray] = {}
+    offset = value_length
+    for name, size in zip(names, sizes, strict=True):
+        counts[name] = total[offset : offset + size].astype(np.int64)
+        offset += size
+    if offset != total.size - 1:
+        raise ShareReconstructionError("The unmasked sum has the wrong length for its counts.")
+    return counts
 
 
 def _quantise(

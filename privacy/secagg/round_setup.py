@@ -11,7 +11,7 @@ from functools import cached_property
 from .errors import ConfigurationError
 from .graph import default_degree, neighbour_graph
 from .ids import NodeId, validate_ids
-from .quantise import check_modulus
+from .quantise import check_count_modulus, check_modulus
 
 __all__ = ["MAX_PARTICIPANTS", "MAX_VECTOR_LENGTH", "RoundSetup"]
 
@@ -47,7 +47,12 @@ class RoundSetup:
     modulus_bits
         Sums are taken modulo ``2^modulus_bits`` (8 to 64); checked against overflow.
     array_names, array_shapes
-        The named arrays of an update, in order.
+        The named arrays of an update, in order (weighted, quantised values).
+    count_names, count_sizes
+        The named counts of an input, in order: non-negative integers summed exactly and
+        unweighted (evaluation sums). A round may hold counts only (no arrays).
+    max_count
+        Largest value of one count at one site; checked against overflow.
     """
 
     round_id: str
@@ -61,6 +66,9 @@ class RoundSetup:
     modulus_bits: int
     array_names: tuple[str, ...]
     array_shapes: tuple[tuple[int, ...], ...]
+    count_names: tuple[str, ...] = ()
+    count_sizes: tuple[int, ...] = ()
+    max_count: int = 1 << 32
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -68,6 +76,8 @@ class RoundSetup:
         )
         object.__setattr__(self, "array_names", tuple(self.array_names))
         object.__setattr__(self, "array_shapes", tuple(tuple(s) for s in self.array_shapes))
+        object.__setattr__(self, "count_names", tuple(self.count_names))
+        object.__setattr__(self, "count_sizes", tuple(self.count_sizes))
         self._check_round()
         self._check_graph()
         self._check_encoding()
@@ -87,6 +97,8 @@ class RoundSetup:
         modulus_bits: int = 64,
         degree: int | None = None,
         graph_seed: int | None = None,
+        count_sizes: Mapping[str, int] | None = None,
+        max_count: int = 1 << 32,
     ) -> RoundSetup:
         """Build a setup with the default degree and a fresh random graph seed unless given."""
         return cls(
@@ -101,12 +113,20 @@ class RoundSetup:
             modulus_bits=modulus_bits,
             array_names=tuple(array_shapes),
             array_shapes=tuple(tuple(shape) for shape in array_shapes.values()),
+            count_names=tuple(count_sizes or {}),
+            count_sizes=tuple((count_sizes or {}).values()),
+            max_count=max_count,
         )
 
     @property
-    def vector_length(self) -> int:
-        """Values in one update, without the weight word."""
+    def value_length(self) -> int:
+        """Weighted, quantised values in one input."""
         return sum(math.prod(shape) for shape in self.array_shapes)
+
+    @property
+    def vector_length(self) -> int:
+        """Words in one input without the weight word: the values, then the counts."""
+        return self.value_length + sum(self.count_sizes)
 
     @cached_property
     def neighbours(self) -> dict[NodeId, frozenset[NodeId]]:
@@ -166,15 +186,28 @@ class RoundSetup:
             max_weight=self.max_weight,
             modulus_bits=self.modulus_bits,
         )
+        _check_int("max_count", self.max_count, 1, None)
+        if self.count_names:
+            check_count_modulus(
+                num_clients=len(self.participants),
+                max_count=self.max_count,
+                modulus_bits=self.modulus_bits,
+            )
 
     def _check_arrays(self) -> None:
         names = self.array_names
-        if not names or len(names) != len(self.array_shapes):
-            raise ConfigurationError("Give one shape per array name, and at least one array.")
-        if any(not isinstance(name, str) or not name for name in names):
-            raise ConfigurationError("Array names must be non-empty strings.")
-        if len(set(names)) != len(names):
-            raise ConfigurationError("Array names must be distinct.")
+        if len(names) != len(self.array_shapes) or len(self.count_names) != len(self.count_sizes):
+            raise ConfigurationError("Give one shape per array name and one size per count name.")
+        if not names and not self.count_names:
+            raise ConfigurationError("A round needs at least one array or one count.")
+        every = (*names, *self.count_names)
+        if any(not isinstance(name, str) or not name for name in every):
+            raise ConfigurationError("Array and count names must be non-empty strings.")
+        if len(set(every)) != len(every):
+            raise ConfigurationError("Array and count names must be distinct.")
+        for name, size in zip(self.count_names, self.count_sizes, strict=True):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigurationError(f"Count {name!r} has an invalid size {size}.")
         for name, shape in zip(names, self.array_shapes, strict=True):
             if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
                 raise ConfigurationError(f"Array {name!r} has an invalid shape {shape}.")

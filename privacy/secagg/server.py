@@ -31,7 +31,7 @@ from .messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from .quantise import decode_sum, quantisation_bound
+from .quantise import decode_counts, decode_sum, quantisation_bound
 from .round_setup import RoundSetup
 from .shamir import SHARE_BYTES, combine_shares
 
@@ -69,6 +69,8 @@ class AggregateResult:
         The participants whose input is not.
     error_bound
         The largest absolute error of ``arrays`` against the exact weighted mean.
+    counts
+        The exact sums of the round's counts over the contributors, by count name.
     """
 
     arrays: dict[str, np.ndarray]
@@ -76,6 +78,7 @@ class AggregateResult:
     contributors: tuple[NodeId, ...]
     dropped: tuple[NodeId, ...]
     error_bound: float
+    counts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class ServerSession:
@@ -207,6 +210,19 @@ class ServerSession:
                 clipping_range=self.setup.clipping_range,
                 bits=self.setup.quantisation_bits,
             )
+            counts = decode_counts(
+                total,
+                value_length=self.setup.value_length,
+                names=self.setup.count_names,
+                sizes=self.setup.count_sizes,
+            )
+            if any(
+                int(c.max(initial=0)) > len(self._masked) * self.setup.max_count
+                for c in counts.values()
+            ):
+                raise ShareReconstructionError(
+                    "A summed count is out of range: some mask was not removed correctly."
+                )
         except ShareReconstructionError as error:
             self._abort(str(error))
         contributors = self._ordered(self._masked)
@@ -219,6 +235,7 @@ class ServerSession:
             error_bound=quantisation_bound(
                 clipping_range=self.setup.clipping_range, bits=self.setup.quantisation_bits
             ),
+            counts=counts,
         )
 
     def _self_mask(self, node: NodeId, shares: Mapping[int, bytes]) -> tuple[bytes, int]:

@@ -96,7 +96,7 @@ sum of the sites' loss sums, with an error of at most ``total_weight * LOSS_RANG
 """
 
 _SESSION_FORMAT = "fedrad-secagg-session/1"
-_SETUP_FORMAT = "fedrad-secagg-setup/1"
+_SETUP_FORMAT = "fedrad-secagg-setup/2"
 _MAX_JSON_BYTES = 64 << 20
 
 # Field kinds of the stage messages. Each decoder checks the type of an untrusted value.
@@ -271,7 +271,7 @@ def setup_from_bytes(data: bytes) -> RoundSetup:
     names = {f.name for f in dataclasses.fields(RoundSetup)}
     if set(raw) != names:
         raise ProtocolError(f"A round setup must hold exactly {sorted(names)}.")
-    for name in ("participants", "array_names", "array_shapes"):
+    for name in ("participants", "array_names", "array_shapes", "count_names", "count_sizes"):
         if not isinstance(raw[name], list):
             raise ProtocolError(f"The round setup's {name} must be a list.")
     if any(not isinstance(shape, list) for shape in raw["array_shapes"]):
