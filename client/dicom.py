@@ -28,7 +28,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from fedrad.errors import FedradError
 
@@ -118,6 +123,9 @@ _TAGS: dict[str, BaseTag] = {
         "RescaleSlope",
         "RescaleIntercept",
         "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "ModalityLUTSequence",
         "MediaStorageSOPClassUID",
         "TransferSyntaxUID",
     )
@@ -167,6 +175,8 @@ class PixelGeometry:
     samples_per_pixel: int
     bits_allocated: int
     transfer_syntax: UID
+    bits_stored: int = 0
+    pixel_representation: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -447,6 +457,16 @@ def _expected_length(geometry: PixelGeometry, photometric: str) -> int:
 
 def _integer(ds: Dataset, keyword: str, path: Path) -> int:
     """Return an integer image attribute; a damaged value is a 'malformed' rejection."""
+    element = ds.get_item(_TAGS[keyword])
+    if (  # a plain little-endian US value: read it directly, as pydicom would convert it
+        type(element) is RawDataElement
+        and element.is_little_endian
+        and element.VR in ("US", None)  # None: implicit VR, where these tags are US
+        and element.length == 2
+        and isinstance(element.value, bytes)
+        and len(element.value) == 2
+    ):
+        return int.from_bytes(element.value, "little")
     try:
         return int(ds[_TAGS[keyword]].value)
     except Exception as exc:  # noqa: BLE001 - damaged values surface as any error type
@@ -479,6 +499,8 @@ def _geometry(ds: Dataset, path: Path) -> PixelGeometry:
         samples_per_pixel=values["SamplesPerPixel"],
         bits_allocated=values["BitsAllocated"],
         transfer_syntax=_transfer_syntax(_text(ds.file_meta, "TransferSyntaxUID"))[0],
+        bits_stored=values["BitsStored"],
+        pixel_representation=values["PixelRepresentation"],
     )
 
 
@@ -488,6 +510,9 @@ def decode_pixels(ds: Dataset, geometry: PixelGeometry, path: Path) -> np.ndarra
     A decoder warning counts as a failure: pydicom warns, then guesses, when the compressed
     data do not fit the header (an RLE segment longer than Rows x Columns, for instance).
     """
+    pixels = _native_grey(ds, geometry)
+    if pixels is not None:
+        return pixels
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -502,6 +527,46 @@ def decode_pixels(ds: Dataset, geometry: PixelGeometry, path: Path) -> np.ndarra
         raise DicomRejected(path, f"decoded shape {pixels.shape}, header declares {geometry.shape}")
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise DicomRejected(path, "pixel data holds non-finite values")
+    return pixels
+
+
+_NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+
+def _native_grey(ds: Dataset, geometry: PixelGeometry) -> np.ndarray | None:
+    """Uncompressed little-endian grey-scale pixels, read as pydicom's native decoder does.
+
+    pydicom's ``pixel_array`` spends over 100 us per file gathering options the checks above
+    already hold. Only the plainest layout is read here (bits beyond BitsStored masked, or
+    sign-extended for signed data, like pydicom); None leaves every other case to pydicom.
+    The pixel data length was checked by :func:`check_geometry`.
+    """
+    if (
+        geometry.transfer_syntax not in _NATIVE_LITTLE_ENDIAN
+        or geometry.samples_per_pixel != 1
+        or geometry.bits_allocated not in (8, 16, 32)
+        or _text(ds, "PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
+        or _TAGS["FloatPixelData"] in ds
+        or _TAGS["DoubleFloatPixelData"] in ds
+    ):
+        return None
+    if _TAGS["NumberOfFrames"] in ds:
+        frames = _text(ds, "NumberOfFrames")
+        if not (frames.isdigit() and int(frames) >= 1):
+            return None  # pydicom warns and assumes one frame: its decoder decides
+    data = ds.get_item(_TAGS["PixelData"]).value
+    if not isinstance(data, bytes):
+        return None
+    kind = "i" if geometry.pixel_representation == 1 else "u"
+    dtype = np.dtype(f"<{kind}{geometry.bits_allocated // 8}")
+    count = geometry.rows * geometry.columns * geometry.frames
+    pixels = np.frombuffer(data, dtype=dtype, count=count).reshape(geometry.shape).copy()
+    spare = geometry.bits_allocated - geometry.bits_stored
+    if spare and kind == "i":
+        pixels <<= spare
+        pixels >>= spare  # arithmetic shift: sign-extends from BitsStored
+    elif spare:
+        pixels &= dtype.type((1 << geometry.bits_stored) - 1)
     return pixels
 
 
@@ -521,12 +586,37 @@ def read_pixels(path: Path) -> np.ndarray:
 
 def modality_values(pixels: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
     """Decoded pixels as float32 modality values; MONOCHROME1 inverted so that high is bright."""
-    try:
-        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - a damaged LUT means "reject this file"
-        raise DicomRejected(path, f"modality LUT cannot be applied ({_brief(exc)})") from None
+    values = _rescaled(pixels, ds)
+    if values is None:
+        try:
+            values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - a damaged LUT means "reject this file"
+            reason = f"modality LUT cannot be applied ({_brief(exc)})"
+            raise DicomRejected(path, reason) from None
     if not np.isfinite(values).all():
         raise DicomRejected(path, "pixel data holds non-finite values")
     if _text(ds, "PhotometricInterpretation") == "MONOCHROME1":
         values = values.max() - values
     return values
+
+
+def _rescaled(pixels: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Integer pixels through RescaleSlope/Intercept as float32, or None to use pydicom.
+
+    The same arithmetic as pydicom's ``apply_modality_lut`` (float64, then cast), without its
+    attribute conversions; a Modality LUT Sequence or an unusual value goes to pydicom.
+    """
+    if pixels.dtype.kind not in "iu" or _TAGS["ModalityLUTSequence"] in ds:
+        return None
+    if _TAGS["RescaleSlope"] not in ds or _TAGS["RescaleIntercept"] not in ds:
+        return pixels.astype(np.float32)
+    try:
+        slope = float(_text(ds, "RescaleSlope"))
+        intercept = float(_text(ds, "RescaleIntercept"))
+    except ValueError:
+        return None
+    if slope == 1.0 and intercept == 0.0 and pixels.dtype.itemsize <= 4:
+        return pixels.astype(np.float32)  # exact in float64 first: the same result
+    values = pixels.astype(np.float64) * slope
+    values += intercept
+    return values.astype(np.float32)
