@@ -27,12 +27,12 @@ from fedrad.config import RunConfig
 from fedrad.errors import FedradError
 from models import ModelSpec
 from privacy import (
-    CLIENT_LEVEL_DELTA,
+    ClientDPPlan,
     DPRequest,
     PrivacyLedger,
     PrivacyRefused,
     SiteLimits,
-    planned_client_epsilon,
+    check_client_round,
     privatize_update,
     resolve_dp,
 )
@@ -164,7 +164,9 @@ def _train_client_dp(
 ) -> tuple[TrainSums, dict[str, int | float]]:
     """Train, then clip the update and add this site's noise share (distributed DP).
 
-    Sites weigh equally under client-level DP: the reply's example count is 1.
+    The site's own ceilings and client-level ledger decide whether it may contribute; the
+    round is recorded before the noised update is returned. Sites weigh equally under
+    client-level DP: the reply's example count is 1.
     """
     shares = int(msg.content[keys.CONFIG].get(keys.NOISE_SHARES, 0))
     if shares < 1:
@@ -172,30 +174,29 @@ def _train_client_dp(
             "dp 'client' needs secure aggregation: alone, this site's update would carry only "
             "its share of the noise. Refusing to send it in the clear."
         )
+    plan = ClientDPPlan.from_run_config(config.to_user_config())
+    limits = SiteLimits(max_epsilon=site.max_epsilon, max_delta=site.max_delta)
+    ledger = PrivacyLedger.open(
+        site.ledger_root, study_id=plan.study_id, site_id=site.site_id, level="client"
+    )
+    check_client_round(plan=plan, limits=limits, ledger=ledger)  # before spending compute
     start = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     sums = train_local(model, dataset, settings)
-    delta = config.delta or CLIENT_LEVEL_DELTA
-    planned = planned_client_epsilon(
-        noise_multiplier=config.noise_multiplier,
-        site_sample_rate=config.fraction_train,
-        rounds=config.num_server_rounds,
-        delta=delta,
-    )
     trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     private = privatize_update(
         start,
         trained,
-        clip_norm=config.max_grad_norm,
-        noise_multiplier=config.noise_multiplier,
+        plan=plan,
         noise_shares=shares,
-        limits=SiteLimits(max_epsilon=site.max_epsilon, max_delta=site.max_delta),
-        planned_epsilon=planned,
-        delta=delta,
+        limits=limits,
+        ledger=ledger,
+        server_round=int(msg.content[keys.CONFIG][keys.SERVER_ROUND]),
+        run_id=str(msg.metadata.run_id),
     )
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in private.items()})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in private.arrays.items()})
     return TrainSums(
         num_examples=1, loss_sum=sums.loss_sum / max(sums.num_examples, 1), num_steps=sums.num_steps
-    ), {}
+    ), {keys.EPSILON: private.epsilon, keys.DELTA: private.delta}
 
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:

@@ -239,11 +239,16 @@ class RunConfig:
                     "secure aggregation needs at least 3 sites per round (min-sites >= 3): "
                     "with 2, each site could subtract its own update from the sum."
                 )
-        if self.dp == "client" and not (self.secure_aggregation and self.noise_multiplier > 0):
+        if self.dp == "client" and not self.secure_aggregation:
             raise ConfigError(
                 "dp 'client' adds each site's share of the noise before masking: it needs "
-                "secure-aggregation = true (alone, each update would carry too little noise) "
-                "and an explicit noise-multiplier (e.g. 1.0)."
+                "secure-aggregation = true (alone, each update would carry too little noise)."
+            )
+        if self.dp == "client" and self.dp_accountant != "rdp":
+            raise ConfigError(
+                "dp 'client' is accounted with the rdp accountant (one step per round); "
+                f"'dp-accountant' {self.dp_accountant!r} applies to dp 'sample' only: set "
+                "dp-accountant = 'rdp'."
             )
         _check_range("secagg-threshold", self.secagg_threshold, 0, 100_000)
         if not self.secagg_clipping_range > 0:

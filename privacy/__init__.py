@@ -4,6 +4,8 @@ Only this package decides anything about epsilon: a site resolves the coordinato
 :class:`DPRequest` against its own :class:`SiteLimits` into a :class:`DPPlan`, checks and
 records every round in its :class:`PrivacyLedger`, and refuses with :class:`PrivacyRefused`
 (:class:`BudgetExhausted` when the study's budget is spent) or stops on :class:`LedgerError`.
+Client-level DP resolves a :class:`ClientDPPlan` from the run config alone and keeps its own
+client-level ledger (``PrivacyLedger.open(..., level="client")``).
 """
 
 from privacy.accounting import (
@@ -18,7 +20,17 @@ from privacy.accounting import (
     merge_history,
     noise_multiplier_for,
 )
-from privacy.distributed import CLIENT_LEVEL_DELTA, planned_client_epsilon, privatize_update
+from privacy.distributed import (
+    CLIENT_LEVEL_ACCOUNTANT,
+    CLIENT_LEVEL_DELTA,
+    SITE_SAMPLE_RATE,
+    ClientDPPlan,
+    PrivateUpdate,
+    check_client_round,
+    client_noise_multiplier,
+    planned_client_epsilon,
+    privatize_update,
+)
 from privacy.dp import (
     DPPlan,
     DPRequest,
@@ -32,8 +44,11 @@ from privacy.ledger import LedgerRound, PrivacyLedger
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIENT_LEVEL_ACCOUNTANT",
     "CLIENT_LEVEL_DELTA",
+    "SITE_SAMPLE_RATE",
     "BudgetExhausted",
+    "ClientDPPlan",
     "DPPlan",
     "DPRequest",
     "HistoryEntry",
@@ -41,8 +56,11 @@ __all__ = [
     "LedgerRound",
     "PrivacyLedger",
     "PrivacyRefused",
+    "PrivateUpdate",
     "SiteLimits",
+    "check_client_round",
     "client_level_epsilon",
+    "client_noise_multiplier",
     "clip_update",
     "compute_epsilon",
     "default_delta",

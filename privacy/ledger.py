@@ -2,9 +2,14 @@
 
 The ledger stores the accountant's full history (Opacus' ``(noise_multiplier, sample_rate,
 num_steps)`` entries) and one entry per trained round (run id, round, steps, history added,
-cumulative epsilon after, time). It is one JSON file, ``<root>/<study-id>/<site-id>.json``,
-replaced atomically (temporary file, fsync, ``os.replace``), so it survives node restarts
-and carries the budget from one run of a study to the next.
+cumulative epsilon after, time). It is one JSON file, replaced atomically (temporary file,
+fsync, ``os.replace``), so it survives node restarts and carries the budget from one run of a
+study to the next.
+
+Two levels of DP keep two separate ledgers, told apart by path and by schema so that one is
+never read as the other: sample-level DP-SGD (``<root>/<study-id>/<site-id>.json``, one entry
+per DP-SGD step) and client-level DP (``<root>/_client-level/<study-id>/<site-id>.json``, one
+entry per round the site contributed; no study id starts with ``_``).
 
 A ledger that cannot be read, does not match its schema, belongs to another study or site,
 or whose history does not reproduce its recorded epsilons raises :class:`LedgerError`:
@@ -43,9 +48,22 @@ try:  # POSIX: serialise writers of one ledger; elsewhere the digest check still
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LEDGER_SCHEMA", "LEDGER_VERSION", "LedgerRound", "PrivacyLedger"]
+__all__ = [
+    "CLIENT_LEVEL_SCHEMA",
+    "LEDGER_LEVELS",
+    "LEDGER_SCHEMA",
+    "LEDGER_VERSION",
+    "LedgerRound",
+    "PrivacyLedger",
+]
 
 LEDGER_SCHEMA = "fedrad-privacy-ledger"
+"""Schema of a sample-level (DP-SGD) ledger."""
+CLIENT_LEVEL_SCHEMA = "fedrad-client-level-ledger"
+"""Schema of a client-level (distributed DP) ledger."""
+LEDGER_LEVELS: dict[str, str] = {"sample": LEDGER_SCHEMA, "client": CLIENT_LEVEL_SCHEMA}
+"""Ledger schema per DP level (the run config's ``dp`` mode)."""
+_CLIENT_LEVEL_DIR = "_client-level"  # starts with '_': never a study id
 LEDGER_VERSION = 1
 _EPSILON_REL_TOL = 1e-6  # recorded vs recomputed epsilon; a tampered value is far off
 _TOP_KEYS = {"schema", "version", "study_id", "site_id", "accountant", "delta", "history", "rounds"}
@@ -79,8 +97,10 @@ class PrivacyLedger:
         accountant: str | None,
         rounds: tuple[LedgerRound, ...],
         digest: str | None,
+        level: str = "sample",
     ):
         self._path = path
+        self._level = level
         self._study_id = study_id
         self._site_id = site_id
         self._delta = delta
@@ -89,17 +109,31 @@ class PrivacyLedger:
         self._digest = digest
 
     @classmethod
-    def open(cls, root: Path, *, study_id: str, site_id: str) -> PrivacyLedger:
+    def open(
+        cls, root: Path, *, study_id: str, site_id: str, level: str = "sample"
+    ) -> PrivacyLedger:
         """Open (or start, if there is none yet) the ledger of ``study_id`` at ``site_id``.
+
+        Parameters
+        ----------
+        root : Path
+            The site's ledger folder (node config ``ledger-dir``).
+        study_id, site_id : str
+            The key of the ledger.
+        level : str
+            ``sample`` (DP-SGD) or ``client`` (client-level DP): separate files and schemas.
 
         Raises
         ------
         LedgerError
             If the ledger file exists but cannot be trusted.
         """
+        if level not in LEDGER_LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEDGER_LEVELS)}, got {level!r}.")
         check_identifier("study-id", study_id)
         check_identifier("site-id", site_id)
-        path = Path(root) / study_id / f"{site_id}.json"
+        folder = Path(root) if level == "sample" else Path(root) / _CLIENT_LEVEL_DIR
+        path = folder / study_id / f"{site_id}.json"
         data = _read_bytes(path)
         if data is None:
             return cls(
@@ -110,8 +144,11 @@ class PrivacyLedger:
                 accountant=None,
                 rounds=(),
                 digest=None,
+                level=level,
             )
-        delta, accountant, rounds = _parse(data, path, study_id=study_id, site_id=site_id)
+        delta, accountant, rounds = _parse(
+            data, path, study_id=study_id, site_id=site_id, schema=LEDGER_LEVELS[level]
+        )
         return cls(
             path,
             study_id=study_id,
@@ -120,12 +157,18 @@ class PrivacyLedger:
             accountant=accountant,
             rounds=rounds,
             digest=_digest(data),
+            level=level,
         )
 
     @property
     def path(self) -> Path:
         """The ledger file."""
         return self._path
+
+    @property
+    def level(self) -> str:
+        """``sample`` or ``client``: the DP level this ledger accounts for."""
+        return self._level
 
     @property
     def study_id(self) -> str:
@@ -188,13 +231,9 @@ class PrivacyLedger:
             If the next round (its planned steps at its noise and sample rate) would bring
             the cumulative epsilon above ``plan.target_epsilon``.
         """
-        self._check_compatible(plan.study_id, plan.delta, plan.accountant)
         spent = self.spent_epsilon
-        projected = max(
-            spent,
-            compute_epsilon(
-                self.history + (plan.round_entry,), delta=plan.delta, accountant=plan.accountant
-            ),
+        projected = self.projected_epsilon(
+            plan.round_entry, study_id=plan.study_id, delta=plan.delta, accountant=plan.accountant
         )
         if projected > plan.target_epsilon:
             raise BudgetExhausted(
@@ -210,6 +249,20 @@ class PrivacyLedger:
                 projected=projected,
             )
         return projected
+
+    def projected_epsilon(
+        self, entry: HistoryEntry, *, study_id: str, delta: float, accountant: str
+    ) -> float:
+        """Cumulative epsilon after one more round that adds ``entry`` to the history.
+
+        Raises
+        ------
+        PrivacyRefused
+            If the study, delta or accountant differs from this ledger's.
+        """
+        self._check_compatible(study_id, delta, accountant)
+        history = self.history + (validate_history_entry(entry),)
+        return max(self.spent_epsilon, compute_epsilon(history, delta=delta, accountant=accountant))
 
     def record_round(
         self,
@@ -253,7 +306,9 @@ class PrivacyLedger:
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         rounds = self._rounds + (entry,)
-        data = _serialise(self._study_id, self._site_id, delta, accountant, rounds)
+        data = _serialise(
+            LEDGER_LEVELS[self._level], self._study_id, self._site_id, delta, accountant, rounds
+        )
         self._path.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(self._path.parent / f".{self._path.name}.lock"):
             on_disk = _read_bytes(self._path)
@@ -273,9 +328,11 @@ class PrivacyLedger:
         self._rounds, self._delta, self._accountant = rounds, delta, accountant
         self._digest = _digest(data)
         logger.info(
-            "Study %s at site %s: round %s spent %d steps, cumulative epsilon %.4f (delta %g)",
+            "Study %s at site %s (%s-level): round %s spent %d steps, cumulative epsilon %.4f "
+            "(delta %g)",
             self._study_id,
             self._site_id,
+            self._level,
             server_round,
             entry.steps,
             entry.epsilon,
@@ -337,10 +394,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _serialise(
-    study_id: str, site_id: str, delta: float, accountant: str, rounds: tuple[LedgerRound, ...]
+    schema: str,
+    study_id: str,
+    site_id: str,
+    delta: float,
+    accountant: str,
+    rounds: tuple[LedgerRound, ...],
 ) -> bytes:
     record = {
-        "schema": LEDGER_SCHEMA,
+        "schema": schema,
         "version": LEDGER_VERSION,
         "study_id": study_id,
         "site_id": site_id,
@@ -363,7 +425,7 @@ def _serialise(
 
 
 def _parse(
-    data: bytes, path: Path, *, study_id: str, site_id: str
+    data: bytes, path: Path, *, study_id: str, site_id: str, schema: str
 ) -> tuple[float | None, str | None, tuple[LedgerRound, ...]]:
     """Decode and verify a ledger file; raise LedgerError with the reason if it fails."""
     advice = (
@@ -372,7 +434,9 @@ def _parse(
     )
     try:
         record = json.loads(data.decode("utf-8"))
-        delta, accountant, rounds = _decode(record, study_id=study_id, site_id=site_id)
+        delta, accountant, rounds = _decode(
+            record, study_id=study_id, site_id=site_id, schema=schema
+        )
         _verify_epsilons(rounds, delta, accountant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise LedgerError(f"Privacy ledger {path} is not valid JSON ({err}). {advice}") from err
@@ -382,14 +446,15 @@ def _parse(
 
 
 def _decode(
-    record: Any, *, study_id: str, site_id: str
+    record: Any, *, study_id: str, site_id: str, schema: str
 ) -> tuple[float | None, str | None, tuple[LedgerRound, ...]]:
     if not isinstance(record, dict) or set(record) != _TOP_KEYS:
         raise ValueError(f"expected a JSON object with keys {sorted(_TOP_KEYS)}")
-    if record["schema"] != LEDGER_SCHEMA or record["version"] != LEDGER_VERSION:
+    if record["schema"] != schema or record["version"] != LEDGER_VERSION:
         raise ValueError(
-            f"unknown schema {record['schema']!r} version {record['version']!r} "
-            f"(this fedrad reads {LEDGER_SCHEMA!r} version {LEDGER_VERSION})"
+            f"schema {record['schema']!r} version {record['version']!r} is not the expected "
+            f"{schema!r} version {LEDGER_VERSION} (a ledger of the other DP level, or of "
+            "another fedrad)"
         )
     if record["study_id"] != study_id or record["site_id"] != site_id:
         raise ValueError(

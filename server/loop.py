@@ -24,7 +24,7 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from fedrad import keys
 from fedrad.config import RunConfig
 from models import ModelSpec
-from privacy import CLIENT_LEVEL_DELTA, client_level_epsilon
+from privacy import ClientDPPlan, planned_client_epsilon
 from server.metrics import summarize
 from server.rundir import RunDir
 from server.secagg import default_threshold, secure_train_round
@@ -310,17 +310,23 @@ class Federation:
         return (None if aggregated is None else arrays_to_numpy(aggregated)), collected
 
     def _client_level_epsilon(self, server_round: int) -> dict[str, float]:
-        """Client-level epsilon after this round, when the run uses distributed DP."""
+        """Client-level epsilon of rounds 1..server_round, when the run uses distributed DP.
+
+        Cumulative over the round number (a resumed run counts the rounds before it). The
+        noise multiplier is the one every site derives from the run config; no amplification
+        by the choice of sites is claimed, so this is the spend of a site in every round.
+        """
         if self.config.dp != "client":
             return {}
-        delta = self.config.delta or CLIENT_LEVEL_DELTA
-        epsilon = client_level_epsilon(
-            noise_multiplier=self.config.noise_multiplier,
-            site_sample_rate=self.config.fraction_train,
-            rounds=server_round,
-            delta=delta,
+        plan = ClientDPPlan.from_run_config(self.config.to_user_config())
+        epsilon = planned_client_epsilon(
+            noise_multiplier=plan.noise_multiplier, rounds=server_round, delta=plan.delta
         )
-        return {"client-level-epsilon": epsilon, "client-level-delta": delta}
+        return {
+            "client-level-epsilon": epsilon,
+            "client-level-delta": plan.delta,
+            "noise-multiplier": plan.noise_multiplier,
+        }
 
     def _evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         messages = [
