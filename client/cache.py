@@ -4,13 +4,18 @@ In deployment every message starts a fresh ClientApp process, so an in-memory ca
 survive a round. Each file's content is hashed once; later passes revalidate a file by path,
 size and modification time. A sample's key is the hash of its files' contents plus the
 transform configuration, so changing the image size or a file's bytes never serves a stale
-tensor. Samples of one site and transform configuration live in one packed safetensors file,
-so that a cached pass is a handful of reads, not one per sample.
+tensor. Samples of one site and transform configuration live in one packed safetensors file
+as ONE stacked tensor, so that a cached pass is a handful of reads, not one per sample.
 
 Layout under the cache root (node config ``cache-dir``)::
 
-    <site-digest>/files.json                 path -> size, mtime_ns, sha256, scan verdict
-    <site-digest>/samples-<transform>.safetensors   sample key -> preprocessed tensor
+    <site-digest>/files.json     a header line (format, record schema, digest of the rest),
+                                 then path -> [size, mtime_ns, *verdict record] (client.ingest)
+    <site-digest>/samples-<transform>.safetensors   tensor "samples" (N, C, *spatial); its
+                                 metadata holds the N sample keys, in order, and the format
+
+A cache written in another format, or one that does not hold together, is ignored (and
+rewritten at the end of the pass), never misread.
 """
 
 from __future__ import annotations
@@ -19,19 +24,23 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from client.transforms import TransformConfig
 from fedrad.durable import replace_atomically, write_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Bumped whenever the layout changes: 2 = one stacked sample tensor, verdicts as lists."""
+_PACK = "samples"
 
 
 def default_cache_root() -> Path:
@@ -51,54 +60,102 @@ def sample_key(file_hashes: list[str]) -> str:
 
 
 class SiteCache:
-    """The cache of one site folder; load once per pass, ``save()`` at the end of a pass."""
+    """The cache of one site folder; load once per pass, ``save()`` at the end of a pass.
 
-    def __init__(self, root: Path, site_dir: Path, transform: TransformConfig) -> None:
+    ``schema`` names the fields of a verdict record; an index written with another schema
+    is ignored.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        site_dir: Path,
+        transform: TransformConfig,
+        *,
+        schema: Sequence[str] = (),
+    ) -> None:
         digest = hashlib.sha256(str(site_dir.resolve()).encode()).hexdigest()[:16]
         self.folder = root / digest
         self.transform = transform
+        self.schema = list(schema)
         self._files_path = self.folder / "files.json"
         self._samples_path = self.folder / f"samples-{transform_digest(transform)}.safetensors"
-        self.files: dict[str, dict[str, Any]] = self._read_files()
+        self.files: dict[str, list[Any]] = self._read_files()
         self.samples: dict[str, torch.Tensor] = self._read_samples()
         self._dirty = False
 
-    def _read_files(self) -> dict[str, dict[str, Any]]:
+    def _read_files(self) -> dict[str, list[Any]]:
         try:
-            data = json.loads(self._files_path.read_text())
+            head, _, body = self._files_path.read_bytes().partition(b"\n")
+            header = json.loads(head)
+            if not isinstance(header, dict) or header.get("format") != CACHE_FORMAT:
+                return {}  # another format: rebuilt, never misread
+            if header.get("digest") != hashlib.sha256(body).hexdigest():
+                raise ValueError("its content does not match its digest")
+            files = json.loads(body)
         except FileNotFoundError:
             return {}
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable cache index %s (%s)", self._files_path, exc)
             return {}
-        if data.get("format") != CACHE_FORMAT:
+        if header.get("schema") != self.schema or not isinstance(files, dict):
+            log.warning("ignoring cache index %s: another verdict schema", self._files_path)
             return {}
-        return dict(data.get("files", {}))
+        return files
 
     def _read_samples(self) -> dict[str, torch.Tensor]:
         if not self._samples_path.is_file():
             return {}
         try:
-            return dict(load_file(str(self._samples_path)))
+            with safe_open(str(self._samples_path), framework="pt") as pack_file:
+                meta = pack_file.metadata() or {}
+                if meta.get("format") != str(CACHE_FORMAT):
+                    return {}
+                keys = json.loads(meta["keys"])
+                pack = pack_file.get_tensor(_PACK) if keys else None
+            return self._unpack(keys, pack)
         except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable sample cache %s (%s)", self._samples_path, exc)
             return {}
 
-    def verdict(self, rel: str, stat: os.stat_result) -> dict[str, Any] | None:
-        """The cached check result of a file, if its size and mtime are unchanged."""
+    def _unpack(self, keys: object, pack: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Sample views of the pack, after checking that keys and pack agree."""
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError("sample keys are not a list of strings")
+        if not keys:
+            return {}
+        expected = (len(keys), self.transform.in_channels, *self.transform.spatial_size)
+        if pack is None or pack.dtype != torch.float32 or tuple(pack.shape) != expected:
+            raise ValueError(f"pack is not float32 {expected}")
+        if len(set(keys)) != len(keys):
+            raise ValueError("repeated sample keys")
+        return dict(zip(keys, pack.unbind(0), strict=True))
+
+    def verdict(self, rel: str, stat: os.stat_result) -> list[Any] | None:
+        """The cached verdict record of a file, if its size and mtime are unchanged."""
         entry = self.files.get(rel)
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
-            return dict(entry["verdict"])
+        if (
+            isinstance(entry, list)
+            and len(entry) > 2
+            and entry[0] == stat.st_size
+            and entry[1] == stat.st_mtime_ns
+        ):
+            return entry[2:]
         return None
 
-    def remember(self, rel: str, stat: os.stat_result, verdict: dict[str, Any]) -> None:
-        """Record a file's check result (which carries its content hash when accepted)."""
-        self.files[rel] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "verdict": verdict}
+    def remember(self, rel: str, stat: os.stat_result, record: list[Any]) -> None:
+        """Record a file's verdict record (which carries its content hash when accepted)."""
+        self.files[rel] = [stat.st_size, stat.st_mtime_ns, *record]
         self._dirty = True
+
+    def forget(self, rel: str) -> None:
+        """Drop a file's entry (its cached record turned out unusable)."""
+        if self.files.pop(rel, None) is not None:
+            self._dirty = True
 
     def forget_missing(self, present: set[str]) -> None:
         """Drop entries of files no longer in the folder."""
-        gone = set(self.files) - present
+        gone = [rel for rel in self.files if rel not in present]
         for rel in gone:
             del self.files[rel]
         self._dirty = self._dirty or bool(gone)
@@ -109,12 +166,12 @@ class SiteCache:
 
     def put_sample(self, key: str, tensor: torch.Tensor) -> None:
         """Cache a preprocessed sample."""
-        self.samples[key] = tensor.contiguous()
+        self.samples[key] = tensor
         self._dirty = True
 
     def keep_only(self, keys: set[str]) -> None:
         """Drop cached samples that no label refers to any more."""
-        stale = set(self.samples) - keys
+        stale = [key for key in self.samples if key not in keys]
         for key in stale:
             del self.samples[key]
         self._dirty = self._dirty or bool(stale)
@@ -123,8 +180,15 @@ class SiteCache:
         """Write the index and the sample pack atomically (only when something changed)."""
         if not self._dirty:
             return
-        payload = json.dumps({"format": CACHE_FORMAT, "files": self.files}, sort_keys=True)
-        write_atomic(self._files_path, payload.encode())
-        samples = dict(self.samples)
-        replace_atomically(self._samples_path, lambda p: save_file(samples, str(p)))
+        body = json.dumps(self.files, separators=(",", ":")).encode()
+        header = {
+            "format": CACHE_FORMAT,
+            "schema": self.schema,
+            "digest": hashlib.sha256(body).hexdigest(),
+        }
+        write_atomic(self._files_path, json.dumps(header).encode() + b"\n" + body)
+        keys = list(self.samples)
+        tensors = {_PACK: torch.stack(list(self.samples.values()))} if keys else {}
+        meta = {"format": str(CACHE_FORMAT), "keys": json.dumps(keys)}
+        replace_atomically(self._samples_path, lambda p: save_file(tensors, str(p), meta))
         self._dirty = False

@@ -19,7 +19,14 @@ import torch
 from torch.utils.data import Dataset
 
 from client.cache import SiteCache, sample_key
-from client.ingest import Ingested, Verdict, ingest_files, verdict_from_dict, verdict_to_dict
+from client.ingest import (
+    RECORD_SCHEMA,
+    Ingested,
+    Verdict,
+    ingest_files,
+    verdict_from_record,
+    verdict_to_record,
+)
 from client.labels import LABELS_FILE, LabelRow, assign_split, read_labels
 from client.scan import DEFAULT_MAX_BYTES, AcceptedFile, QuarantinedFile, list_site_files
 from client.transforms import TransformConfig, preprocess
@@ -129,21 +136,30 @@ class _Pass:
         self.config = config
         self.settings = settings
         self.cache = (
-            SiteCache(settings.cache_root, site_dir, config) if settings.cache_root else None
+            SiteCache(settings.cache_root, site_dir, config, schema=RECORD_SCHEMA)
+            if settings.cache_root
+            else None
         )
         self.verdicts: dict[str, Verdict] = {}
         self.pixels: dict[str, Ingested] = {}
+        self.stats: dict[str, os.stat_result] = {}
 
     def check(self, relatives: list[str]) -> None:
         """Know the verdict of every file in ``relatives`` (from the cache or by ingesting)."""
         unknown: list[str] = []
-        self.stats = {rel: os.stat(self.site_dir / rel) for rel in relatives}
+        folder = os.fspath(self.site_dir)
         for rel in relatives:
-            cached = self.cache.verdict(rel, self.stats[rel]) if self.cache else None
-            if cached is None:
+            try:
+                stat = self.stats[rel] = os.stat(os.path.join(folder, rel))
+            except OSError:
+                unknown.append(rel)  # the ingest says why (a broken link, say); not cached
+                continue
+            record = self.cache.verdict(rel, stat) if self.cache else None
+            verdict = verdict_from_record(rel, record) if record is not None else None
+            if verdict is None:
                 unknown.append(rel)
             else:
-                self.verdicts[rel] = verdict_from_dict(cached)
+                self.verdicts[rel] = verdict
         self.ingest(unknown)
 
     def ingest(self, relatives: list[str]) -> None:
@@ -160,13 +176,16 @@ class _Pass:
         for rel, result in results.items():
             self.verdicts[rel] = result.verdict
             self.pixels[rel] = result
-            if self.cache:
-                stat = self.stats.get(rel) or os.stat(self.site_dir / rel)
-                self.cache.remember(rel, stat, verdict_to_dict(result.verdict))
+            if self.cache is None:
+                continue
+            stat = self.stats.get(rel)
+            if stat is None:
+                self.cache.forget(rel)
+            else:
+                self.cache.remember(rel, stat, verdict_to_record(result.verdict))
 
-    def image(self, files: list[AcceptedFile]) -> torch.Tensor:
-        """The preprocessed sample made of ``files`` (cached, or built from their pixels)."""
-        key = sample_key([f.sha256 for f in files])
+    def image(self, files: list[AcceptedFile], key: str) -> torch.Tensor:
+        """The preprocessed sample ``key`` made of ``files`` (cached, or built from pixels)."""
         cached = self.cache.sample(key) if self.cache else None
         if cached is not None:
             return cached
@@ -227,7 +246,9 @@ def load_site(
     missing = [r for r in rows if r.id not in present and r.id not in groups]
     if missing:
         raise _missing_error(site_dir, missing)
-    samples, skipped, seen = [], [], {}
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for row in rows:
         targets = [work.verdicts[row.id]] if row.id in present else groups[row.id]
         rejected = [v for v in targets if isinstance(v, QuarantinedFile)]
@@ -241,7 +262,7 @@ def load_site(
             continue
         seen[key] = row.id
         try:
-            image = work.image(chosen)
+            image = work.image(chosen, key)
         except (ValueError, KeyError) as exc:
             skipped.append((row.id, str(exc)))
             continue

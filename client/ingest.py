@@ -1,15 +1,17 @@
 """One pass over a site folder: check each file, decode it once, preprocess, cache.
 
 The worker task does everything a file needs in one read: size cap, content hash, DICOM
-checks (the same as ``fedrad site check``), decode, modality LUT and, for 2D samples, the
-MONAI preprocessing. Results and their verdicts go to the on-disk cache, so later passes
-(every round, every fresh ClientApp process) only ``stat`` the files and read one pack.
+checks (the same as ``fedrad site check``), decode and modality LUT; for 2D samples the worker
+then runs the MONAI preprocessing over each chunk of files, images of one shape as one batch.
+Results and their verdicts go to the on-disk cache, so later passes (every round, every fresh
+ClientApp process) only ``stat`` the files and read one pack.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,9 +33,11 @@ from client.nifti import SUFFIXES as NIFTI_SUFFIXES
 from client.nifti import read_nifti
 from client.scan import AcceptedFile, QuarantinedFile, _lost, _quiet_worker
 from client.scan_worker import run_in_workers
-from client.transforms import TransformConfig, preprocess
+from client.transforms import TransformConfig, preprocess, preprocess_batch
 
 Verdict = AcceptedFile | QuarantinedFile
+BATCH_PIXELS = 2**22
+"""Most pixels preprocessed as one batch: bounds a worker's memory and a batch's time."""
 
 
 @dataclass(frozen=True)
@@ -100,21 +104,83 @@ def _accept(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.nd
     return verdict, values
 
 
-def ingest_file(transform: TransformConfig | None, max_bytes: int, relative: str) -> Ingested:
-    """Worker task (cwd = site folder): check, decode and, for 2D, preprocess one file."""
+def decode_file(max_bytes: int, relative: str) -> Ingested:
+    """Worker task (cwd = site folder): check and decode one file into modality values."""
     path = Path(relative)
     try:
         verdict, values = _accept(path, relative, max_bytes)
-        if transform is not None and transform.kind == "2d":
-            image = preprocess(values, modality=verdict.modality, config=transform).numpy()
-            return Ingested(verdict, image=image)
         return Ingested(verdict, values=values)
     except DicomRejected as exc:
         return Ingested(QuarantinedFile(relative, exc.code, exc.reason))
-    except MemoryError:
-        return Ingested(QuarantinedFile(relative, "too-large", "ran out of memory"))
     except Exception as exc:  # noqa: BLE001 - a file must never stop a pass
-        return Ingested(QuarantinedFile(relative, "malformed", f"{exc.__class__.__name__}: {exc}"))
+        return _failed(relative, exc)
+
+
+def _failed(relative: str, exc: Exception) -> Ingested:
+    if isinstance(exc, MemoryError):
+        return Ingested(QuarantinedFile(relative, "too-large", "ran out of memory"))
+    return Ingested(QuarantinedFile(relative, "malformed", f"{exc.__class__.__name__}: {exc}"))
+
+
+def _batches(results: list[Ingested]) -> list[list[int]]:
+    """Positions of decoded images to preprocess together: same shape and modality."""
+    groups: dict[tuple[object, ...], list[list[int]]] = {}
+    for i, result in enumerate(results):
+        if result.values is None or not isinstance(result.verdict, AcceptedFile):
+            continue
+        batches = groups.setdefault((result.values.shape, result.verdict.modality), [[]])
+        if batches[-1] and (len(batches[-1]) + 1) * result.values.size > BATCH_PIXELS:
+            batches.append([])
+        batches[-1].append(i)
+    return [batch for batches in groups.values() for batch in batches]
+
+
+def preprocess_chunk(
+    transform: TransformConfig,
+    results: list[Ingested],
+    mark: Callable[[int], None] | None = None,
+) -> list[Ingested]:
+    """Preprocess the decoded 2D images of a chunk, in batches; one result per result given.
+
+    A batch that fails is redone image by image, so a file whose preprocessing fails is
+    quarantined alone. ``mark(i)`` says which result is being worked on (for the timeout).
+    """
+    out = list(results)
+    for batch in _batches(results):
+        if mark is not None:
+            mark(batch[0])
+        first = results[batch[0]]
+        modality = first.verdict.modality  # type: ignore[union-attr]
+        try:
+            stack = np.stack([results[i].values for i in batch])  # type: ignore[misc]
+            images = preprocess_batch(stack, modality=modality, config=transform).numpy()
+        except Exception:  # noqa: BLE001 - redone one by one below, to blame one file
+            images = None
+        for position, i in enumerate(batch):
+            if images is not None:
+                out[i] = Ingested(results[i].verdict, image=images[position])
+                continue
+            if mark is not None:
+                mark(i)
+            out[i] = _preprocess_one(transform, results[i])
+    return out
+
+
+def _preprocess_one(transform: TransformConfig, result: Ingested) -> Ingested:
+    verdict = result.verdict
+    try:
+        image = preprocess(result.values, modality=verdict.modality, config=transform)  # type: ignore[arg-type, union-attr]
+    except Exception as exc:  # noqa: BLE001 - a file must never stop a pass
+        return _failed(verdict.path, exc)
+    return Ingested(verdict, image=image.numpy())
+
+
+def ingest_file(transform: TransformConfig | None, max_bytes: int, relative: str) -> Ingested:
+    """Check, decode and, for 2D, preprocess one file (what a worker does for a chunk)."""
+    result = decode_file(max_bytes, relative)
+    if transform is not None and transform.kind == "2d":
+        return preprocess_chunk(transform, [result])[0]
+    return result
 
 
 def _worker_init() -> None:
@@ -136,17 +202,24 @@ def ingest_files(
     timeout_s: float,
     max_bytes: int,
 ) -> dict[str, Ingested]:
-    """Run :func:`ingest_file` over files of a site, in ``workers`` killable processes."""
+    """Run :func:`ingest_file` over files of a site, in ``workers`` killable processes.
+
+    Workers decode file by file and, for 2D, preprocess each chunk's images in batches.
+    """
     if not relatives:
         return {}
+    finish = None
+    if transform is not None and transform.kind == "2d":
+        finish = partial(preprocess_chunk, transform)
     results = run_in_workers(
-        partial(ingest_file, transform, max_bytes),
+        partial(decode_file, max_bytes),
         relatives,
         cwd=site_dir.resolve(),
         workers=workers,
         timeout_s=timeout_s,
         on_lost=_lost_ingest,
         initializer=_worker_init,
+        finish=finish,
     )
     return {
         rel: r if r.verdict.path == rel else replace(r, verdict=replace(r.verdict, path=rel))
@@ -154,15 +227,26 @@ def ingest_files(
     }
 
 
-def verdict_to_dict(verdict: Verdict) -> dict[str, object]:
-    """A verdict as the cache stores it."""
+_ACCEPTED_FIELDS = tuple(f.name for f in fields(AcceptedFile))
+_QUARANTINED_FIELDS = tuple(f.name for f in fields(QuarantinedFile))
+RECORD_SCHEMA = (
+    f"accepted:{','.join(_ACCEPTED_FIELDS[1:])}",
+    f"quarantined:{','.join(_QUARANTINED_FIELDS[1:])}",
+)
+"""What a verdict record holds (the cache ignores records written to another schema)."""
+
+
+def verdict_to_record(verdict: Verdict) -> list[object]:
+    """A verdict as the cache stores it: its kind, then its fields but the path, in order."""
     kind = "accepted" if isinstance(verdict, AcceptedFile) else "quarantined"
-    return {"kind": kind, **asdict(verdict)}
+    return [kind, *list(vars(verdict).values())[1:]]
 
 
-def verdict_from_dict(data: dict[str, object]) -> Verdict:
-    """Rebuild a cached verdict."""
-    fields = {k: v for k, v in data.items() if k != "kind"}
-    if data["kind"] == "accepted":
-        return AcceptedFile(**fields)  # type: ignore[arg-type]
-    return QuarantinedFile(**fields)  # type: ignore[arg-type]
+def verdict_from_record(path: str, record: list[object]) -> Verdict | None:
+    """Rebuild a cached verdict; None when the record does not fit its kind."""
+    kind, values = record[0], record[1:]
+    if kind == "accepted" and len(values) == len(_ACCEPTED_FIELDS) - 1:
+        return AcceptedFile(path, *values)  # type: ignore[arg-type]
+    if kind == "quarantined" and len(values) == len(_QUARANTINED_FIELDS) - 1:
+        return QuarantinedFile(path, *values)  # type: ignore[arg-type]
+    return None

@@ -6,6 +6,11 @@ chunk's results back in one message. The parent kills a worker whose current pat
 the timeout, and notices a worker that died (segfault, out-of-memory kill); in both cases the
 path in progress is reported lost and the rest of its chunk goes to a fresh worker.
 
+A run may also name a ``finish`` step that a worker applies to a chunk's results before
+sending them: work that is cheaper done for many paths at once (preprocessing small images
+as one batch). It reports which path it is on the same way, so the timeout still applies and
+blames one path.
+
 Workers are forked where the platform allows it, so they start in milliseconds with the
 parent's imports (pydicom, the decoders) already loaded; elsewhere they are spawned, and the
 task must then be picklable.
@@ -45,6 +50,11 @@ class _Failure:
     message: str
 
 
+Finish = Callable[[list[Any], Callable[[int], None]], list[Any]]
+"""``finish(results, mark)``: a chunk's results, done together; ``mark(i)`` says it is on
+``results[i]`` (and restarts that path's clock). It returns one result per result given."""
+
+
 @dataclass
 class _Worker:
     """One worker process, its pipe, its progress slots and the chunks sent to it."""
@@ -62,6 +72,7 @@ def _serve(
     cwd: str,
     initializer: Callable[[], None] | None,
     parent_pid: int,
+    finish: Finish | None = None,
 ) -> None:
     """Worker loop: run ``task`` on each path of each chunk received, reply per chunk."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
@@ -81,24 +92,52 @@ def _serve(
         number, chunk = message
         results: list[object] = []
         for index, item in enumerate(chunk):
-            progress[_STARTED] = time.monotonic()  # the time first: see _overdue
+            progress[_STARTED] = time.monotonic()  # the time first: see _in_progress
             progress[_SEQ], progress[_INDEX] = number, index
             try:
                 results.append(task(item))
             except Exception as exc:  # noqa: BLE001 - reported as a lost path, worker goes on
                 results.append(_Failure(f"the check raised {exc.__class__.__name__}: {exc}"))
+        if finish is not None:
+            _finish_chunk(finish, results, number, progress)
         conn.send((number, results))
+
+
+def _finish_chunk(finish: Finish, results: list[object], number: int, progress: Any) -> None:
+    """Replace a chunk's results (those that did not fail) by ``finish`` of them, in place."""
+    done = [i for i, r in enumerate(results) if not isinstance(r, _Failure)]
+
+    def mark(position: int) -> None:
+        progress[_STARTED] = time.monotonic()  # the time first: see _in_progress
+        progress[_SEQ], progress[_INDEX] = number, done[position]
+
+    if not done:
+        return
+    mark(0)
+    try:
+        finished = finish([results[i] for i in done], mark)
+        if len(finished) != len(done):
+            raise ValueError(f"{len(finished)} results for {len(done)} paths")
+    except Exception as exc:  # noqa: BLE001 - reported as lost paths, worker goes on
+        finished = [_Failure(f"finishing raised {exc.__class__.__name__}: {exc}")] * len(done)
+    for i, result in zip(done, finished, strict=True):
+        results[i] = result
 
 
 class _Pool(Generic[R]):
     """The live workers of one run and what each has been sent."""
 
     def __init__(
-        self, task: Callable[[str], R], cwd: Path, initializer: Callable[[], None] | None
+        self,
+        task: Callable[[str], R],
+        cwd: Path,
+        initializer: Callable[[], None] | None,
+        finish: Finish | None = None,
     ) -> None:
         methods = mp.get_all_start_methods()
         self.context = mp.get_context("fork" if "fork" in methods else None)
         self.task, self.cwd, self.initializer = task, str(cwd), initializer
+        self.finish = finish
         self.workers: list[_Worker] = []
         self.sent = 0
 
@@ -110,7 +149,15 @@ class _Pool(Generic[R]):
             target=_serve,
             name="fedrad-scan-worker",
             daemon=True,
-            args=(child_conn, progress, self.task, self.cwd, self.initializer, os.getpid()),
+            args=(
+                child_conn,
+                progress,
+                self.task,
+                self.cwd,
+                self.initializer,
+                os.getpid(),
+                self.finish,
+            ),
         )
         process.start()
         child_conn.close()  # so that the parent sees EOF when the worker dies
@@ -207,17 +254,20 @@ def run_in_workers(
     on_lost: Callable[[str, str, str], R],
     initializer: Callable[[], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    finish: Finish | None = None,
 ) -> list[R]:
     """Return ``task(item)`` for every item, in order, computed in ``workers`` processes.
 
     ``task`` runs with ``cwd`` as working directory. An item whose task runs past
     ``timeout_s`` (its worker is killed), or whose worker dies, or whose task raises,
     gets ``on_lost(item, kind, detail)`` with ``kind`` one of :data:`LOST_KINDS`.
-    ``on_progress(done, total)`` is called as results arrive.
+    ``on_progress(done, total)`` is called as results arrive. ``finish`` (see :data:`Finish`)
+    runs in the worker on each chunk's results; a path it runs past the timeout on is lost
+    like one whose task did.
     """
     results: dict[int, R] = {}
     queue = deque(range(len(items)))
-    pool: _Pool[R] = _Pool(task, cwd, initializer)
+    pool: _Pool[R] = _Pool(task, cwd, initializer, finish)
     poll_s = max(0.01, min(0.5, timeout_s / 10))
 
     def lose(index: int, kind: str, detail: str) -> None:

@@ -1,8 +1,11 @@
+import json
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import client.dataset as dataset_module
 from client.dataset import IngestSettings, load_site
@@ -94,3 +97,68 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(site, tmp_path):
 
     pairs = zip(reference.samples, again.samples, strict=True)
     assert all(torch.equal(a.image, b.image) for a, b in pairs)
+
+
+def _rewrite_index_header(cache_root, **changes):
+    (index,) = cache_root.rglob("files.json")
+    head, _, body = index.read_bytes().partition(b"\n")
+    header = {**json.loads(head), **changes}
+    index.write_bytes(json.dumps(header).encode() + b"\n" + body)
+    return index
+
+
+def test_a_cache_of_another_format_is_ignored_and_rebuilt(site, tmp_path, counted_ingest):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    reference = load_site(site, CONFIG, num_classes=2, settings=settings)
+    _rewrite_index_header(tmp_path / "cache", format=1)
+    counted_ingest.clear()
+
+    again = load_site(site, CONFIG, num_classes=2, settings=settings)
+    third = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    assert len(counted_ingest) == len(reference)  # all re-checked once, then cached again
+    for other in (again, third):
+        pairs = zip(reference.samples, other.samples, strict=True)
+        assert all(torch.equal(a.image, b.image) for a, b in pairs)
+
+
+def test_an_index_edited_behind_its_digest_is_not_trusted(site, tmp_path, counted_ingest):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    reference = load_site(site, CONFIG, num_classes=2, settings=settings)
+    (index,) = (tmp_path / "cache").rglob("files.json")
+    rel = reference.samples[0].id
+    record = json.loads(index.read_bytes().partition(b"\n")[2])[rel]  # size, mtime, kind, sha
+    index.write_bytes(index.read_bytes().replace(record[3].encode(), b"0" * 64, 1))
+    counted_ingest.clear()
+
+    again = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    assert len(counted_ingest) == len(reference)
+    assert [s.id for s in again.samples] == [s.id for s in reference.samples]
+
+
+def test_a_pack_whose_keys_do_not_fit_is_rebuilt(site, tmp_path):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    reference = load_site(site, CONFIG, num_classes=2, settings=settings)
+    (pack,) = (tmp_path / "cache").rglob("samples-*.safetensors")
+    with safe_open(str(pack), framework="pt") as handle:
+        meta, tensor = handle.metadata(), handle.get_tensor("samples")
+    keys = json.loads(meta["keys"])
+    save_file({"samples": tensor}, str(pack), {**meta, "keys": json.dumps(keys[1:])})
+
+    again = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    pairs = zip(reference.samples, again.samples, strict=True)
+    assert all(torch.equal(a.image, b.image) for a, b in pairs)
+    with safe_open(str(pack), framework="pt") as handle:  # rewritten whole
+        assert json.loads(handle.metadata()["keys"]) == keys
+
+
+def test_the_pack_is_one_stacked_tensor(site, tmp_path):
+    settings = IngestSettings(cache_root=tmp_path / "cache")
+    dataset = load_site(site, CONFIG, num_classes=2, settings=settings)
+
+    (pack,) = (tmp_path / "cache").rglob("samples-*.safetensors")
+    with safe_open(str(pack), framework="pt") as handle:
+        assert list(handle.keys()) == ["samples"]
+        assert handle.get_slice("samples").get_shape() == [len(dataset), 1, 32, 32]
