@@ -11,18 +11,20 @@ import json
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
+from client.dataset import SiteDataset
 from client.disclosure import subgroup_counts
 from client.dp_train import DPTrainSums, train_local_dp
 from client.reply import check_reply
 from client.secagg import register as register_secagg
 from client.site import Site, resolve_site, site_dataset
-from client.train import TrainSettings, TrainSums, evaluate_local, train_local
-from fedrad import keys
+from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, train_local
+from fedrad import evalsums, keys
 from fedrad.config import RunConfig
 from fedrad.errors import FedradError
 from models import ModelSpec
@@ -199,13 +201,32 @@ def _train_client_dp(
     ), {keys.EPSILON: private.epsilon, keys.DELTA: private.delta}
 
 
-def _evaluate(msg: Message, context: Context) -> RecordDict:
+def _evaluate_split(msg: Message, context: Context) -> tuple[Site, SiteDataset, EvalSums]:
+    """Evaluate the message's model on the split it names (``val`` unless it says)."""
     site, config, model = _request(msg, context)
     split = str(msg.content[keys.CONFIG].get(keys.SPLIT, "val"))
     dataset = site_dataset(site, config).subset(split)
     if len(dataset) == 0:
         raise FedradError(f"site {site.site_id} has no samples in split '{split}'.")
-    sums = evaluate_local(model, dataset)
+    return site, dataset, evaluate_local(model, dataset)
+
+
+def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
+    """The evaluation sums of the message's model as secure-aggregation counts."""
+    _, _, sums = _evaluate_split(msg, context)
+    return evalsums.to_counts(
+        {
+            keys.NUM_EXAMPLES: sums.num_examples,
+            keys.LOSS_SUM: sums.loss_sum,
+            keys.CONFUSION: sums.confusion.ravel(),
+            keys.SCORE_HIST: sums.score_hist.ravel(),
+        },
+        num_classes=sums.confusion.shape[0],
+    )
+
+
+def _evaluate(msg: Message, context: Context) -> RecordDict:
+    site, dataset, sums = _evaluate_split(msg, context)
     return RecordDict(
         {
             keys.METRICS: MetricRecord(
@@ -228,4 +249,4 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
 
 train = app.train()(_guarded(_train))
 evaluate = app.evaluate()(_guarded(_evaluate))
-register_secagg(app, _train)  # the secure-aggregation stages; they catch their own errors
+register_secagg(app, _train, _evaluation_counts)  # SecAgg+ stages; they catch their own errors

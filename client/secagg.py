@@ -2,9 +2,12 @@
 
 A round reaches a site as four messages, ``train.secagg_keys``, ``train.secagg_shares``,
 ``train.secagg_mask`` and ``train.secagg_unmask``. The first carries the global model, the
-training config and the round setup: the site trains exactly as for plain FedAvg, keeps its
-update and its :class:`~privacy.secagg.ClientSession` in ``context.state`` (in deployment every
-message runs in a fresh ClientApp process) and answers with its public keys. The next three
+training config and the round setup. When the setup names evaluation counts, the site first
+evaluates the model it was sent on its validation split (the sums of ``fedrad.evalsums``);
+when it names arrays, the site then trains exactly as for plain FedAvg. It keeps its update,
+its counts and its :class:`~privacy.secagg.ClientSession` in ``context.state`` (in deployment
+every message runs in a fresh ClientApp process) and answers with its public keys. A setup
+with counts and no arrays is an evaluation-only round. The next three
 carry the protocol's messages; the session is loaded, advanced and saved again each time, and
 forgotten after the unmask step or any failure.
 
@@ -42,6 +45,7 @@ from privacy.secagg import (
     KeyBroadcast,
     ProtocolError,
     RequestRefused,
+    RoundSetup,
     SecAggError,
     ShareDelivery,
     UnmaskRequest,
@@ -76,14 +80,16 @@ ERROR_CODE_REFUSED = 102
 # context.state records: site-local, they never leave the node.
 SESSION_STATE = "secagg-session"
 UPDATE_STATE = "secagg-update"
+COUNTS_STATE = "secagg-counts"
 _SESSION = "session"
 _WEIGHT = "weight"
 
 TrainFn = Callable[[Message, Context], RecordDict]
+EvaluateFn = Callable[[Message, Context], dict[str, np.ndarray]]
 Step = Callable[[Message, Context], RecordDict]
 
 
-def register(app: ClientApp, train_fn: TrainFn) -> None:
+def register(app: ClientApp, train_fn: TrainFn, evaluate_fn: EvaluateFn) -> None:
     """Add the four secure-aggregation handlers to ``app``.
 
     Parameters
@@ -94,8 +100,12 @@ def register(app: ClientApp, train_fn: TrainFn) -> None:
         Plain local training: takes a train message (``arrays``, ``config``) and returns the
         reply content of plain FedAvg (``arrays`` with the trained weights, ``metrics`` with
         ``num-examples`` and ``loss-sum``); its errors become error replies.
+    evaluate_fn
+        Local evaluation of the message's model on the validation split, as the named integer
+        counts of ``fedrad.evalsums``; its errors become error replies.
     """
-    app.train(KEYS_ACTION)(_handler(functools.partial(_advertise_keys, train_fn=train_fn)))
+    step = functools.partial(_advertise_keys, train_fn=train_fn, evaluate_fn=evaluate_fn)
+    app.train(KEYS_ACTION)(_handler(step))
     app.train(SHARES_ACTION)(_handler(_share_keys))
     app.train(MASK_ACTION)(_handler(_mask_input))
     app.train(UNMASK_ACTION)(_handler(_unmask))
@@ -134,12 +144,14 @@ def _error_reply(msg: Message, context: Context, code: int, exc: Exception) -> M
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _advertise_keys(msg: Message, context: Context, *, train_fn: TrainFn) -> RecordDict:
-    """Stage 1: check the setup, train, keep the update and session, send the public keys."""
-    setup, participant = invitation_from_fields(_fields(msg))
-    session = ClientSession(participant)
-    advert = session.advertise_keys(setup)
-    global_arrays = _arrays(msg.content, "the global model")
+def _trained_update(
+    msg: Message,
+    context: Context,
+    setup: RoundSetup,
+    global_arrays: dict[str, np.ndarray],
+    train_fn: TrainFn,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Train on the message; return the update to mask (with the loss entry) and the weight."""
     expected = {**{k: v.shape for k, v in global_arrays.items()}, LOSS_ARRAY: (1,)}
     if dict(zip(setup.array_names, setup.array_shapes, strict=True)) != expected:
         raise ProtocolError("The round setup does not describe the model it was sent with.")
@@ -160,6 +172,22 @@ def _advertise_keys(msg: Message, context: Context, *, train_fn: TrainFn) -> Rec
         for name, array in global_arrays.items()
     }
     update[LOSS_ARRAY] = np.array([mean_loss * setup.clipping_range / LOSS_RANGE])
+    return update, weight
+
+
+def _advertise_keys(
+    msg: Message, context: Context, *, train_fn: TrainFn, evaluate_fn: EvaluateFn
+) -> RecordDict:
+    """Stage 1: check the setup, evaluate and train, keep the input and session, send keys."""
+    setup, participant = invitation_from_fields(_fields(msg))
+    session = ClientSession(participant)
+    advert = session.advertise_keys(setup)
+    global_arrays = _arrays(msg.content, "the global model")
+    counts = evaluate_fn(msg, context) if setup.count_names else {}
+    update: dict[str, np.ndarray] = {}
+    weight = 1
+    if setup.array_names:
+        update, weight = _trained_update(msg, context, setup, global_arrays, train_fn)
     encode_update(  # refuse now, before any key is shared, rather than at masking
         update,
         weight=weight,
@@ -168,6 +196,13 @@ def _advertise_keys(msg: Message, context: Context, *, train_fn: TrainFn) -> Rec
         clipping_range=setup.clipping_range,
         bits=setup.quantisation_bits,
         max_weight=setup.max_weight,
+        counts=counts,
+        count_names=setup.count_names,
+        count_sizes=setup.count_sizes,
+        max_count=setup.max_count,
+    )
+    context.state[COUNTS_STATE] = ArrayRecord(
+        {name: Array(np.ascontiguousarray(value)) for name, value in counts.items()}
     )
     context.state[UPDATE_STATE] = ArrayRecord(
         {name: Array(np.ascontiguousarray(value)) for name, value in update.items()}
@@ -190,12 +225,20 @@ def _mask_input(msg: Message, context: Context) -> RecordDict:
     update = context.state.get(UPDATE_STATE)
     if not isinstance(update, ArrayRecord):
         raise ProtocolError("This site holds no update for the round.")
+    counts = context.state.get(COUNTS_STATE)
     delivery = message_from_fields(ShareDelivery, _fields(msg))
     masked = session.mask_input(
-        delivery, {name: array.numpy() for name, array in update.items()}, weight=weight
+        delivery,
+        {name: array.numpy() for name, array in update.items()},
+        weight=weight,
+        counts={name: a.numpy() for name, a in counts.items()}
+        if isinstance(counts, ArrayRecord)
+        else None,
     )
     _save(context, session, weight)
-    del context.state[UPDATE_STATE]  # keep secrets no longer than needed
+    for name in (UPDATE_STATE, COUNTS_STATE):  # keep secrets no longer than needed
+        if name in context.state:
+            del context.state[name]
     return _reply(message_to_fields(masked))
 
 
@@ -242,6 +285,6 @@ def _load(context: Context) -> tuple[ClientSession, int]:
 
 
 def _forget(context: Context) -> None:
-    for name in (SESSION_STATE, UPDATE_STATE):
+    for name in (SESSION_STATE, UPDATE_STATE, COUNTS_STATE):
         if name in context.state:
             del context.state[name]

@@ -21,10 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
-from fedrad import keys
+from fedrad import evalsums, keys
 from fedrad.config import RunConfig
 from models import ModelSpec
 from privacy import ClientDPPlan, planned_client_epsilon
+from server.exchange import send_and_receive
 from server.metrics import summarize
 from server.rundir import RunDir
 from server.secagg import default_threshold, secure_train_round
@@ -81,6 +82,8 @@ class SiteReplies:
     subgroups: dict[str, dict[str, int]] = field(default_factory=dict)
     secure: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Under SecAgg+: the securely summed evaluation totals of the model the round started from."""
 
     @property
     def num_trained(self) -> int:
@@ -177,6 +180,7 @@ class Federation:
         first, arrays = self._start()
         self.run_dir.write_run_record(self.config, sites=[], resumed_from=first - 1)
         status, reason, last_eval = "completed", "", {}
+        ran_rounds = False
         for server_round in range(first, self.config.num_server_rounds + 1):
             started = time.monotonic()
             record: dict[str, Any] = {
@@ -201,8 +205,11 @@ class Federation:
                 log.error("stopping: %s", reason)
                 break
             arrays = new_arrays
-            evaluation = self._evaluate_round(server_round, arrays)
-            last_eval = evaluation["aggregate"]
+            if self.config.secure_aggregation:
+                evaluation = self._secure_evaluation(server_round - 1, train)
+            else:
+                evaluation = self._evaluate_round(server_round, arrays)
+                last_eval = evaluation["aggregate"]
             record["evaluate"] = evaluation
             record["status"] = "completed"
             digest = self.run_dir.save_checkpoint(
@@ -216,10 +223,15 @@ class Federation:
                 server_round,
                 self.config.num_server_rounds,
                 train.num_trained,
-                last_eval.get("auc", float("nan")),
-                last_eval.get("loss", float("nan")),
+                evaluation["aggregate"].get("auc", float("nan")),
+                evaluation["aggregate"].get("loss", float("nan")),
                 record["seconds"],
             )
+            ran_rounds = True
+        final: dict[str, Any] = {}
+        if self.config.secure_aggregation and ran_rounds:
+            final = self._secure_final_evaluation(self.run_dir.latest_round(), arrays)
+            last_eval = final["aggregate"]
         summary = {
             "status": status,
             "reason": reason,
@@ -228,6 +240,8 @@ class Federation:
             "validation": last_eval,
             "operating-threshold": last_eval.get("threshold", 0.5),
         }
+        if final:
+            summary["final-evaluation"] = final
         self.run_dir.write_summary(summary)
         return summary
 
@@ -244,7 +258,7 @@ class Federation:
         )
         if self.config.secure_aggregation:
             return self._secure_train_round(server_round, arrays, messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        replies = send_and_receive(self.grid, messages, timeout=self.config.round_timeout)
         collected = _collect(messages, replies, self.site_names)
         if len(collected.ok) < self.config.min_sites:
             return None, collected
@@ -268,6 +282,7 @@ class Federation:
         threshold = self.config.secagg_threshold or default_threshold(len(nodes))
         site_config = messages[0].content[keys.CONFIG]  # keeps FedProx's proximal-mu
         site_config[keys.NOISE_SHARES] = threshold  # client-level DP: noise per survivor set
+        site_config[keys.SPLIT] = "val"  # the sites evaluate the model they are sent on it
         result = secure_train_round(
             self.grid,
             nodes,
@@ -277,8 +292,11 @@ class Federation:
             threshold=threshold,
             clipping_range=self.config.secagg_clipping_range,
             timeout=self.config.round_timeout,
+            count_sizes=evalsums.count_sizes(self.config.num_classes),
         )
         collected.failures.update(result.failures)
+        if result.counts:
+            collected.evaluation = evalsums.from_counts(result.counts)
         collected.secure = {
             **self._client_level_epsilon(server_round),
             "status": result.status,
@@ -328,6 +346,62 @@ class Federation:
             "noise-multiplier": plan.noise_multiplier,
         }
 
+    def _secure_evaluation(self, model_round: int, train: SiteReplies) -> dict[str, Any]:
+        """The evaluation summed inside a secure training round: of the model it started from.
+
+        Under SecAgg+ the sites evaluate the model they are sent before training, and only the
+        sum over the contributing sites reaches the coordinator: there are no per-site figures.
+        """
+        totals = train.evaluation
+        return {
+            "model-round": model_round,
+            "secure-aggregation": True,
+            "sites": {},
+            "aggregate": _evaluation_metrics(totals, self.config) if totals else {},
+            "subgroups": {},
+            "failures": {},
+        }
+
+    def _secure_final_evaluation(
+        self, model_round: int, arrays: dict[str, np.ndarray]
+    ) -> dict[str, Any]:
+        """Evaluate the last model in an evaluation-only secure round (for the run summary)."""
+        nodes = list(self.grid.get_node_ids())
+        site_config = self._site_config(model_round, "val")
+        result = secure_train_round(
+            self.grid,
+            nodes,
+            server_round=model_round,
+            arrays=arrays,
+            site_config=site_config,
+            threshold=self.config.secagg_threshold or default_threshold(len(nodes)),
+            clipping_range=self.config.secagg_clipping_range,
+            timeout=self.config.round_timeout,
+            count_sizes=evalsums.count_sizes(self.config.num_classes),
+            train=False,
+        )
+        aggregate = (
+            _evaluation_metrics(evalsums.from_counts(result.counts), self.config)
+            if result.counts
+            else {}
+        )
+        log.info(
+            "final secure evaluation of round %d: %d site(s), val AUC %.3f",
+            model_round,
+            result.contributors,
+            aggregate.get("auc", float("nan")),
+        )
+        return {
+            "model-round": model_round,
+            "secure-aggregation": True,
+            "status": result.status,
+            "reason": result.reason,
+            "contributors": result.contributors,
+            "aggregate": aggregate,
+            "failures": result.failures,
+            "seconds": result.seconds,
+        }
+
     def _evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         messages = [
             Message(
@@ -339,7 +413,7 @@ class Federation:
             )
             for node_id in self.grid.get_node_ids()
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        replies = send_and_receive(self.grid, messages, timeout=self.config.round_timeout)
         collected = _collect(messages, replies, self.site_names)
         per_site = {
             site: _evaluation_metrics(sums, self.config) for site, sums in collected.results.items()

@@ -1,10 +1,12 @@
 """One training round under secure aggregation (SecAgg+, Bell et al.) over a Flower Grid.
 
 The coordinator learns only the weighted sum of the sites' model updates (weight: their number
-of training examples) and of their training loss sums; never one site's update. The round
+of training examples), of their training loss sums and, when asked, the exact sum of their
+evaluation counts (:mod:`fedrad.evalsums`) for the model it sent; never one site's. The round
 takes four exchanges (see :mod:`client.secagg` for the site's side): the round setup with the
-global model (the sites train and answer with public keys), then key shares, masked updates
-and unmasking. :class:`~privacy.secagg.ServerSession` decides who is still in the round: a
+global model (the sites evaluate it, train and answer with public keys), then key shares,
+masked inputs and unmasking. An evaluation-only round (``train=False``) sums counts only.
+:class:`~privacy.secagg.ServerSession` decides who is still in the round: a
 node whose reply is missing, an error or malformed at any exchange is dropped, and when too
 few remain the round is reported ``"aborted"`` with no model, never as a success.
 
@@ -52,6 +54,7 @@ from privacy.secagg.state import (
     message_from_fields,
     message_to_fields,
 )
+from server.exchange import send_and_receive
 from server.strategies import numpy_to_arrays
 
 __all__ = ["SecureRoundResult", "default_threshold", "secure_train_round"]
@@ -86,6 +89,8 @@ class SecureRoundResult:
         The largest absolute error of ``arrays`` against exact FedAvg (quantisation).
     seconds
         Wall-clock time of the round, by exchange (``keys`` includes local training).
+    counts
+        The exact sums of the sites' counts (evaluation of the model sent), by name.
     """
 
     arrays: dict[str, np.ndarray] | None
@@ -97,6 +102,7 @@ class SecureRoundResult:
     reason: str = ""
     error_bound: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def secure_train_round(
@@ -111,8 +117,11 @@ def secure_train_round(
     timeout: float,
     quantisation_bits: int = 16,
     max_weight: int = 1 << 24,
+    count_sizes: Mapping[str, int] | None = None,
+    max_count: int = 1 << 40,
+    train: bool = True,
 ) -> SecureRoundResult:
-    """Train one round on ``node_ids`` and aggregate their updates securely.
+    """Train one round on ``node_ids`` and aggregate their updates (and counts) securely.
 
     Parameters
     ----------
@@ -137,6 +146,12 @@ def secure_train_round(
         Seconds to wait for the replies of each of the four exchanges.
     quantisation_bits, max_weight
         Bits per quantised value; largest number of training examples a site may weigh in.
+    count_sizes, max_count
+        Named integer counts every site adds, summed exactly (the evaluation of ``arrays``,
+        see :mod:`fedrad.evalsums`), and the largest one count may be at one site.
+    train
+        False for an evaluation-only round: the sites do not train, only counts are summed
+        (``arrays`` of the result is then empty).
     """
     started = time.monotonic()
     nodes = list(dict.fromkeys(int(n) for n in node_ids))
@@ -150,10 +165,14 @@ def secure_train_round(
             round_id=f"round-{server_round}-{secrets.token_hex(8)}",
             participants=list(node_of),
             threshold=threshold,
-            array_shapes={**{k: np.shape(v) for k, v in arrays.items()}, LOSS_ARRAY: (1,)},
+            array_shapes=(
+                {**{k: np.shape(v) for k, v in arrays.items()}, LOSS_ARRAY: (1,)} if train else {}
+            ),
             clipping_range=clipping_range,
             quantisation_bits=quantisation_bits,
             max_weight=max_weight,
+            count_sizes=count_sizes,
+            max_count=max_count,
         )
     except SecAggError as error:
         return _aborted(nodes, failures, f"cannot set up the round: {error}", seconds)
@@ -193,12 +212,17 @@ def secure_train_round(
         result = server.aggregate(responses)
     except RoundAborted as error:
         return _aborted(nodes, failures, str(error), seconds)
-    new_arrays = {name: _add(array, result.arrays[name]) for name, array in arrays.items()}
-    mean_loss = float(result.arrays[LOSS_ARRAY][0]) * LOSS_RANGE / clipping_range
+    new_arrays: dict[str, np.ndarray] = {}
+    totals: dict[str, float] = {keys.NUM_EXAMPLES: result.total_weight}
+    if train:
+        new_arrays = {name: _add(array, result.arrays[name]) for name, array in arrays.items()}
+        mean_loss = float(result.arrays[LOSS_ARRAY][0]) * LOSS_RANGE / clipping_range
+        totals[keys.LOSS_SUM] = mean_loss * result.total_weight
     seconds["total"] = round(time.monotonic() - started, 3)
     dropped = [f"node-{node_of[p]}" for p in result.dropped]
     log.info(
-        "secure round %d: %d of %d site(s) aggregated, %d dropped (%.1f s)",
+        "secure %s round %d: %d of %d site(s) aggregated, %d dropped (%.1f s)",
+        "training" if train else "evaluation",
         server_round,
         len(result.contributors),
         len(nodes),
@@ -207,16 +231,14 @@ def secure_train_round(
     )
     return SecureRoundResult(
         arrays=new_arrays,
-        totals={
-            keys.NUM_EXAMPLES: result.total_weight,
-            keys.LOSS_SUM: mean_loss * result.total_weight,
-        },
+        totals=totals,
         contributors=len(result.contributors),
         dropped=dropped,
         failures=failures,
         status="completed",
         error_bound=result.error_bound,
         seconds=seconds,
+        counts=result.counts,
     )
 
 
@@ -266,7 +288,7 @@ class _Exchange:
             for p, content in contents.items()
         ]
         answered: dict[NodeId, _Reply] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in send_and_receive(self.grid, messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             participant = self.participant_of.get(node)
             if participant is None or participant not in contents or participant in answered:

@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import fedrad_command, run_command
 from safetensors.numpy import load_file
 
+from client.dataset import load_site
+from client.transforms import TransformConfig
 from fedrad.synth import SynthConfig, write_consortium
-from helpers import fedrad_command, run_command
 
 pytestmark = pytest.mark.timeout(500)
 
@@ -42,6 +44,22 @@ def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tm
         assert record["train"]["sites"] == {}  # no individual update or metric reached it
         assert secure["totals"]["num-examples"] > 0
     assert any(not np.allclose(final[k], initial[k]) for k in final)
+    # evaluation sums went through SecAgg+ too: only their sum over the sites is known
+    val_samples = sum(
+        len(load_site(site, TransformConfig(image_size=32), num_classes=2).subset("val"))
+        for site in sorted(three_sites.glob("site-*"))
+    )
+    evaluations = [r["evaluate"] for r in rounds]
+    assert [e["model-round"] for e in evaluations] == [0, 1]  # the model each round started from
+    for evaluation in evaluations:
+        assert evaluation["secure-aggregation"] is True and evaluation["sites"] == {}
+        assert evaluation["aggregate"]["num-examples"] == val_samples
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final_evaluation = summary["final-evaluation"]
+    assert final_evaluation["status"] == "completed" and final_evaluation["model-round"] == 2
+    assert final_evaluation["contributors"] == 3
+    assert summary["validation"]["num-examples"] == val_samples
+    assert 0.0 <= summary["validation"]["auc"] <= 1.0
     ledger = three_sites / ".fedrad-ledger" / "secure-study" / "site-1.json"
     assert len(json.loads(ledger.read_text())["rounds"]) == 2  # DP spent at the site
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -32,7 +33,7 @@ from flwr.common.serde import (
 from flwr.serverapp import Grid
 
 from client.secagg import ERROR_CODE_REFUSED, ERROR_CODE_SECAGG, SESSION_STATE, register
-from fedrad import keys
+from fedrad import evalsums, keys
 from privacy.secagg import (
     ClientSession,
     ConfigurationError,
@@ -69,6 +70,8 @@ from privacy.secagg.state import (
 from server.secagg import default_threshold, secure_train_round
 
 pytestmark = pytest.mark.timeout(120)
+
+TIMEOUT = 0.2  # ProcessGrid answers at once; a vanished site's reply is waited for this long
 
 SHAPES = {"conv": (4, 3), "bias": (5,)}
 SITES = (1, 2, 3, 4, 5)
@@ -341,6 +344,7 @@ class ProcessGrid(Grid):
         self.tamper = tamper
         self.tamper_reply = tamper_reply
         self.replies: list[Message] = []
+        self.pending: dict[str, Message] = {}
 
     def partition(self, node_id: int) -> int:
         return int(self.contexts[node_id].node_config["partition-id"])
@@ -359,31 +363,39 @@ class ProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Deliver each message at once; keep its reply for pull_messages (none if it vanished)."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(message.metadata.message_id)
+            reply = self._deliver(message)
+            if reply is not None:
+                self.pending[message.metadata.message_id] = reply
+        return ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            action = message.metadata.message_type.partition(".")[2]
-            if (action, self.partition(node)) in self.vanish:
-                continue
-            if self.tamper is not None:
-                message = self.tamper(action, self.partition(node), message)
-            context = context_from_proto(context_to_proto(self.contexts[node]))
-            delivered = _wire(message)
-            reply = self.app(delivered, context)
-            self.contexts[node] = context
-            if self.tamper_reply is not None and not reply.has_error():
-                content = self.tamper_reply(action, self.partition(node), reply.content)
-                reply = Message(content, reply_to=delivered)
-            reply = _wire(reply)
-            self.replies.append(reply)
-            replies.append(reply)
-        return replies
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, message):
+        node = message.metadata.dst_node_id
+        action = message.metadata.message_type.partition(".")[2]
+        if (action, self.partition(node)) in self.vanish:
+            return None
+        if self.tamper is not None:
+            message = self.tamper(action, self.partition(node), message)
+        context = context_from_proto(context_to_proto(self.contexts[node]))
+        delivered = _wire(message)
+        reply = self.app(delivered, context)
+        self.contexts[node] = context
+        if self.tamper_reply is not None and not reply.has_error():
+            content = self.tamper_reply(action, self.partition(node), reply.content)
+            reply = Message(content, reply_to=delivered)
+        reply = _wire(reply)
+        self.replies.append(reply)
+        return reply
 
 
 GLOBAL = {
@@ -416,9 +428,29 @@ def fake_train(msg: Message, context: Context) -> RecordDict:
     )
 
 
+EVAL_SIZES = evalsums.count_sizes(2)
+
+
+def fake_evaluate(msg: Message, context: Context) -> dict[str, np.ndarray]:
+    """Deterministic evaluation counts of a site, from the model it was sent."""
+    partition = int(context.node_config["partition-id"])
+    first = float(msg.content[keys.ARRAYS]["w"].numpy().ravel()[0])
+    rng = np.random.default_rng(partition)
+    n = 20 + partition
+    return evalsums.to_counts(
+        {
+            keys.NUM_EXAMPLES: n,
+            keys.LOSS_SUM: 0.7 * n + abs(first),
+            keys.CONFUSION: rng.integers(0, 10, 4),
+            keys.SCORE_HIST: rng.integers(0, 5, 4 * keys.SCORE_BINS),
+        },
+        num_classes=2,
+    )
+
+
 def _app(train: Callable[[Message, Context], RecordDict] = fake_train) -> ClientApp:
     app = ClientApp()
-    register(app, train)
+    register(app, train, fake_evaluate)
     return app
 
 
@@ -431,7 +463,7 @@ def _round(grid: Grid, *, threshold=3, clipping_range=0.5):
         site_config=ConfigRecord({keys.SERVER_ROUND: 3}),
         threshold=threshold,
         clipping_range=clipping_range,
-        timeout=10.0,
+        timeout=TIMEOUT,
     )
 
 
@@ -461,6 +493,55 @@ def _assert_fedavg(result, replies, clipping_range=0.5):
     assert result.totals[keys.LOSS_SUM] == pytest.approx(
         loss_sum, abs=weights.sum() * bound * LOSS_RANGE / clipping_range
     )
+
+
+def _expected_counts(grid: ProcessGrid, partitions) -> dict[str, np.ndarray]:
+    content = RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})})
+    message = Message(content, dst_node_id=1, message_type="train")
+    per_site = [
+        fake_evaluate(message, context)
+        for node, context in grid.contexts.items()
+        if grid.partition(node) in partitions
+    ]
+    return {name: np.sum([c[name] for c in per_site], axis=0) for name in EVAL_SIZES}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_evaluation_counts_are_summed_exactly_with_or_without_training(train):
+    trained = []
+
+    def counting_train(msg, context):
+        trained.append(context.node_config["partition-id"])
+        return fake_train(msg, context)
+
+    grid = ProcessGrid(_app(counting_train), 5, vanish={("secagg_mask", 1)})
+    result = secure_train_round(
+        grid,
+        grid.get_node_ids(),
+        server_round=3,
+        arrays=GLOBAL,
+        site_config=ConfigRecord({keys.SERVER_ROUND: 3}),
+        threshold=3,
+        clipping_range=0.5,
+        timeout=TIMEOUT,
+        count_sizes=EVAL_SIZES,
+        train=train,
+    )
+
+    assert result.status == "completed" and result.contributors == 4
+    expected = _expected_counts(grid, {0, 2, 3, 4})
+    for name in EVAL_SIZES:
+        np.testing.assert_array_equal(result.counts[name], expected[name])
+    totals = evalsums.from_counts(result.counts)
+    assert totals[keys.NUM_EXAMPLES] == 20 + 22 + 23 + 24
+    assert sorted(trained) == ([0, 1, 2, 3, 4] if train else [])
+    assert (result.arrays != {}) is train
+    if train:
+        _assert_fedavg(result, _plain(grid, {0, 2, 3, 4}))
+    # no site's evaluation crossed the wire in the clear: every reply is a protocol message
+    for reply in grid.replies:
+        assert not reply.has_error()
+        assert set(reply.content.keys()) == {"secagg"}
 
 
 def test_secure_round_equals_fedavg_of_the_site_models():
