@@ -147,10 +147,10 @@ class _Pass:
     def check(self, relatives: list[str]) -> None:
         """Know the verdict of every file in ``relatives`` (from the cache or by ingesting)."""
         unknown: list[str] = []
-        folder = os.fspath(self.site_dir)
+        folder = os.path.join(self.site_dir, "")
         for rel in relatives:
             try:
-                stat = self.stats[rel] = os.stat(os.path.join(folder, rel))
+                stat = self.stats[rel] = os.stat(folder + rel)
             except OSError:
                 unknown.append(rel)  # the ingest says why (a broken link, say); not cached
                 continue

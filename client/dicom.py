@@ -14,10 +14,11 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Container
+from collections.abc import Container, MutableMapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -131,6 +132,8 @@ _TAGS: dict[str, BaseTag] = {
     )
 }
 """Tags of the attributes read here: indexing by BaseTag skips pydicom's keyword lookup."""
+_NO_META = Dataset()
+"""Stands in for the file meta of a dataset that has none (never written to)."""
 _NOT_DICOM = "not a readable DICOM file (no preamble and 'DICM' prefix)"
 DECODE_CAP_FACTOR = 16  # decoded pixels may be at most this many times the file size cap
 READ_PIXELS_MAX_BYTES = 2**31
@@ -211,6 +214,16 @@ def header_attributes(ds: Dataset) -> dict[str, object]:
     }
 
 
+def _elements(ds: Dataset) -> MutableMapping[BaseTag, Any]:
+    """A dataset's elements by tag, as pydicom itself holds them.
+
+    Looking tags up here skips ``Dataset.get_item`` and ``__contains__`` key conversions,
+    which cost more than the checks themselves on small files. Values still raw are only
+    used where they are plain bytes (never deferred: files are parsed whole).
+    """
+    return ds._dict  # noqa: SLF001 - pydicom's own tag -> element mapping
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     """Return a short single string value ('' when absent or damaged).
 
@@ -219,7 +232,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     """
     tag = _TAGS[keyword]
     try:
-        element = ds.get_item(tag)
+        element = _elements(ds).get(tag)
         if element is None:
             return ""
         value = element.value
@@ -233,7 +246,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 def _position_z(ds: Dataset) -> float | None:
     tag = _TAGS["ImagePositionPatient"]
     try:
-        element = ds.get_item(tag)
+        element = _elements(ds).get(tag)
         value = None if element is None else element.value
         if isinstance(value, bytes):
             parts: list[object] = list(value.split(b"\\"))
@@ -371,7 +384,8 @@ def _check_complete(ds: Dataset, size: int, path: Path) -> None:
 
 def check_object(ds: Dataset, path: Path) -> None:
     """Refuse objects that are not images, those lacking identity tags, burned-in text."""
-    meta = getattr(ds, "file_meta", Dataset())
+    meta = getattr(ds, "file_meta", None)
+    meta = _NO_META if meta is None else meta
     sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
     refusal = _object_refusal(sop_class, _text(ds, "Modality").upper())
     if refusal is not None:
@@ -402,9 +416,10 @@ def _object_refusal(sop_class: str, modality: str) -> str | None:
 
 def check_geometry(ds: Dataset, path: Path, *, max_decoded_bytes: int) -> PixelGeometry:
     """Check an image's pixel attributes, decoder and (uncompressed) pixel data length."""
-    if _TAGS["PixelData"] not in ds:
+    elements = _elements(ds)
+    if _TAGS["PixelData"] not in elements:
         raise DicomRejected(path, "no PixelData element", code="no-pixel-data")
-    missing = [kw for kw in REQUIRED_IMAGE_TAGS if _TAGS[kw] not in ds]
+    missing = [kw for kw in REQUIRED_IMAGE_TAGS if _TAGS[kw] not in elements]
     if missing:
         raise DicomRejected(path, f"missing {', '.join(missing)}", code="missing-tags")
     geometry = _geometry(ds, path)
@@ -457,7 +472,7 @@ def _expected_length(geometry: PixelGeometry, photometric: str) -> int:
 
 def _integer(ds: Dataset, keyword: str, path: Path) -> int:
     """Return an integer image attribute; a damaged value is a 'malformed' rejection."""
-    element = ds.get_item(_TAGS[keyword])
+    element = _elements(ds).get(_TAGS[keyword])
     if (  # a plain little-endian US value: read it directly, as pydicom would convert it
         type(element) is RawDataElement
         and element.is_little_endian
@@ -546,11 +561,11 @@ def _native_grey(ds: Dataset, geometry: PixelGeometry) -> np.ndarray | None:
         or geometry.samples_per_pixel != 1
         or geometry.bits_allocated not in (8, 16, 32)
         or _text(ds, "PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
-        or _TAGS["FloatPixelData"] in ds
-        or _TAGS["DoubleFloatPixelData"] in ds
+        or _TAGS["FloatPixelData"] in _elements(ds)
+        or _TAGS["DoubleFloatPixelData"] in _elements(ds)
     ):
         return None
-    if _TAGS["NumberOfFrames"] in ds:
+    if _TAGS["NumberOfFrames"] in _elements(ds):
         frames = _text(ds, "NumberOfFrames")
         if not (frames.isdigit() and int(frames) >= 1):
             return None  # pydicom warns and assumes one frame: its decoder decides
@@ -606,9 +621,10 @@ def _rescaled(pixels: np.ndarray, ds: Dataset) -> np.ndarray | None:
     The same arithmetic as pydicom's ``apply_modality_lut`` (float64, then cast), without its
     attribute conversions; a Modality LUT Sequence or an unusual value goes to pydicom.
     """
-    if pixels.dtype.kind not in "iu" or _TAGS["ModalityLUTSequence"] in ds:
+    elements = _elements(ds)
+    if pixels.dtype.kind not in "iu" or _TAGS["ModalityLUTSequence"] in elements:
         return None
-    if _TAGS["RescaleSlope"] not in ds or _TAGS["RescaleIntercept"] not in ds:
+    if _TAGS["RescaleSlope"] not in elements or _TAGS["RescaleIntercept"] not in elements:
         return pixels.astype(np.float32)
     try:
         slope = float(_text(ds, "RescaleSlope"))

@@ -43,15 +43,19 @@ def read_labels(site_dir: Path) -> list[LabelRow]:
             "'id,label' (optional 'split'); see the README section 'Labels'."
         )
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        columns = [c.strip() for c in header]
         missing = {"id", "label"} - set(columns)
         if missing:
             raise DataError(
                 f"{path} lacks column(s) {', '.join(sorted(missing))}; the header must be "
                 f"'id,label' or 'id,label,split', found '{','.join(columns)}'."
             )
-        rows = [_parse_row(path, n, row) for n, row in enumerate(reader, start=2)]
+        names: tuple[str, ...] = ("id", "label", "split")
+        at = {name: columns.index(name) for name in names if name in columns}
+        records = (r for r in reader if r)  # blank lines are skipped, like csv.DictReader does
+        rows = [_parse_row(path, n, record, at) for n, record in enumerate(records, start=2)]
     seen: dict[str, int] = {}
     for row in rows:
         if row.id in seen:
@@ -65,10 +69,11 @@ def read_labels(site_dir: Path) -> list[LabelRow]:
     return rows
 
 
-def _parse_row(path: Path, line: int, row: dict[str, str | None]) -> LabelRow:
-    sample_id = (row.get("id") or "").strip()
-    raw_label = (row.get("label") or "").strip()
-    raw_split = (row.get("split") or "").strip().lower() or None
+def _parse_row(path: Path, line: int, record: list[str], at: dict[str, int]) -> LabelRow:
+    """One row; ``at`` maps a column name to its position (a short row lacks the rest)."""
+    values = [record[i].strip() if i < len(record) else "" for i in at.values()]
+    sample_id, raw_label = values[0], values[1]
+    raw_split = values[2].lower() if len(values) > 2 and values[2] else None
     if not sample_id:
         raise DataError(f"{path} line {line}: empty id; give a file path or a DICOM UID.")
     try:
