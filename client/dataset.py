@@ -190,7 +190,8 @@ class _Pass:
         if cached is not None:
             return cached
         missing = [f.path for f in files if f.path not in self.pixels]
-        self.ingest(missing)
+        if missing:
+            self.ingest(missing)
         parts = [self.pixels[f.path] for f in files]
         if self.config.kind == "2d":
             if len(files) != 1 or parts[0].image is None:

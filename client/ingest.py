@@ -10,6 +10,9 @@ ClientApp process) only ``stat`` the files and read one pack.
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
+import multiprocessing as mp
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -51,6 +54,28 @@ class Ingested:
     verdict: Verdict
     image: np.ndarray | None = None
     values: np.ndarray | None = None
+    shared: bool = False
+    """The image was written to the file's slot of :class:`SharedImages`, not sent."""
+
+
+class SharedImages:
+    """One slot per file for its preprocessed 2D image, in memory shared with forked workers.
+
+    A worker writes a chunk's images straight into their files' slots and sends only the
+    verdicts: no image is pickled, piped, unpickled or copied again by the parent. A slot is
+    read only after its chunk's verdicts arrived (a killed worker's chunk is redone whole).
+    """
+
+    def __init__(self, relatives: list[str], shape: tuple[int, ...]) -> None:
+        self.slot = {rel: i for i, rel in enumerate(relatives)}
+        count = len(relatives) * math.prod(shape)
+        self._buffer = mmap.mmap(-1, max(4 * count, 1))  # anonymous and shared across fork
+        self.array = np.frombuffer(self._buffer, np.float32, count).reshape(-1, *shape)
+
+    @staticmethod
+    def available() -> bool:
+        """Whether workers are forked (and so share the slots); else images go by pipe."""
+        return "fork" in mp.get_all_start_methods()
 
 
 def _nifti(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.ndarray]:
@@ -139,11 +164,14 @@ def preprocess_chunk(
     transform: TransformConfig,
     results: list[Ingested],
     mark: Callable[[int], None] | None = None,
+    *,
+    shared: SharedImages | None = None,
 ) -> list[Ingested]:
     """Preprocess the decoded 2D images of a chunk, in batches; one result per result given.
 
     A batch that fails is redone image by image, so a file whose preprocessing fails is
     quarantined alone. ``mark(i)`` says which result is being worked on (for the timeout).
+    With ``shared``, images go to their files' slots there instead of into the results.
     """
     out = list(results)
     for batch in _batches(results):
@@ -159,10 +187,13 @@ def preprocess_chunk(
         for position, i in enumerate(batch):
             if images is not None:
                 out[i] = Ingested(results[i].verdict, image=images[position])
-                continue
-            if mark is not None:
-                mark(i)
-            out[i] = _preprocess_one(transform, results[i])
+            else:
+                if mark is not None:
+                    mark(i)
+                out[i] = _preprocess_one(transform, results[i])
+            if shared is not None and out[i].image is not None:
+                shared.array[shared.slot[out[i].verdict.path]] = out[i].image
+                out[i] = Ingested(out[i].verdict, shared=True)
     return out
 
 
@@ -208,9 +239,11 @@ def ingest_files(
     """
     if not relatives:
         return {}
-    finish = None
+    finish, shared = None, None
     if transform is not None and transform.kind == "2d":
-        finish = partial(preprocess_chunk, transform)
+        if SharedImages.available():
+            shared = SharedImages(relatives, (transform.in_channels, *transform.spatial_size))
+        finish = partial(preprocess_chunk, transform, shared=shared)
     results = run_in_workers(
         partial(decode_file, max_bytes),
         relatives,
@@ -221,10 +254,14 @@ def ingest_files(
         initializer=_worker_init,
         finish=finish,
     )
-    return {
-        rel: r if r.verdict.path == rel else replace(r, verdict=replace(r.verdict, path=rel))
-        for rel, r in zip(relatives, results, strict=True)
-    }
+    out: dict[str, Ingested] = {}
+    for i, (rel, result) in enumerate(zip(relatives, results, strict=True)):
+        if result.shared and shared is not None:
+            result = Ingested(result.verdict, image=shared.array[i])
+        if result.verdict.path != rel:
+            result = replace(result, verdict=replace(result.verdict, path=rel))
+        out[rel] = result
+    return out
 
 
 _ACCEPTED_FIELDS = tuple(f.name for f in fields(AcceptedFile))

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import client.ingest as ingest_module
 from client.dataset import IngestSettings, load_site
@@ -101,3 +102,16 @@ def test_in_a_pass_the_failing_file_is_skipped_with_its_reason(
     assert dataset.skipped == [(rel, "malformed: ValueError: cannot resize this one")]
     assert rel not in {s.id for s in dataset.samples}
     assert len(dataset.samples) == len(list((site / "images").iterdir())) - 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_pass_gives_each_file_its_own_preprocessed_image(sites_2d, workers):
+    site = sites_2d / "site-1"
+
+    dataset = load_site(site, CONFIG, num_classes=2, settings=IngestSettings(workers=workers))
+
+    assert len(dataset.samples) > 20
+    for sample in dataset.samples:
+        values = read_pixels(site / sample.id)
+        alone = preprocess(values, modality=sample.attributes["modality"], config=CONFIG)
+        torch.testing.assert_close(sample.image, alone, rtol=0, atol=1e-6)
