@@ -1,12 +1,18 @@
-"""Privacy costs: training step time with and without DP-SGD for each model.
+"""Privacy costs: training step time with and without DP-SGD, and with and without SecAgg+.
 
 Prints, per model, the median time of one optimizer step on a batch of 32 with plain SGD and
 with Opacus DP-SGD (per-sample gradients, clipping, noise), and their ratio
 (goal <= 2.5x, stretch 1.5x); then, with ``--secagg``, the median round time of a simulated
-federation (``fedrad simulate``, tiny CNN) with and without secure aggregation at 5 and 10
-sites (goal <= 1.25x).
+federation (``fedrad simulate``: train and evaluate, with SecAgg+ the evaluation sums go
+through it too) with and without secure aggregation at 5 and 10 sites (goal <= 1.25x), for
+the demo's workload and for a tiny one that shows the fixed cost of SecAgg+'s extra exchanges;
+then, with ``--deployment``, for information (no goal), the same on Flower's deployment engine:
+a TLS SuperLink with node authentication and real SuperNodes on loopback (``deploy/local.py``),
+the tiny workload, 5 sites unless told otherwise (each message starts a ClientApp process that
+imports torch, so this takes minutes).
 
-    python bench/privacy.py [--threads 2] [--steps 8] [--secagg]
+    python bench/privacy.py [--threads 2] [--steps 8] [--secagg] [--deployment] [--skip-steps]
+    python bench/privacy.py --only-deployment [--deployment-sites 5 10]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _deployment import Workload, measure_deployment  # bench/ is the script's folder
 from opacus import PrivacyEngine
 from rich.console import Console
 from rich.table import Table
@@ -78,33 +85,78 @@ def measure(name: str, steps: int) -> tuple[float, float]:
     return plain, dp
 
 
-def _round_seconds(sites_dir: Path, run_dir: Path, *, secure: bool, rounds: int) -> float:
+WORKLOADS = {
+    # name: (image size, local epochs, samples per site, model)
+    "demo": (64, 3, 200, "cnn"),
+    "tiny": (32, 1, 40, "cnn"),
+}
+"""``demo``: the demo's defaults (cnn at 64 px, 3 local epochs, 200 samples per site).
+``tiny``: a minimal round, which shows the fixed cost of the extra exchanges."""
+
+
+def _round_seconds(
+    sites_dir: Path, run_dir: Path, *, secure: bool, rounds: int, workload: str
+) -> float:
     """Median seconds per round after the first (which loads data and starts Ray)."""
+    size, epochs, _, model = WORKLOADS[workload]
     command = [sys.executable, "-m", "fedrad.cli", "simulate", str(sites_dir), "--out",
-               str(run_dir), "--num-server-rounds", str(rounds), "--image-size", "32",
-               "--local-epochs", "1", "--min-sites", "3", "--secure-aggregation",
-               "true" if secure else "false"]
-    subprocess.run(command, check=True, capture_output=True, timeout=1200)
+               str(run_dir), "--num-server-rounds", str(rounds), "--image-size", str(size),
+               "--local-epochs", str(epochs), "--model", model, "--min-sites", "3",
+               "--secure-aggregation", "true" if secure else "false"]
+    subprocess.run(command, check=True, capture_output=True, timeout=1800)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return statistics.median(json.loads(line)["seconds"] for line in lines[1:])
 
 
-def secagg_table(rounds: int) -> Table:
+def secagg_table(rounds: int, workloads: list[str]) -> Table:
     """Round time with and without SecAgg+ at 5 and 10 simulated sites."""
-    table = Table(title=f"round time, simulation, tiny CNN at 32 px, median of rounds 2-{rounds}")
-    for column in ("sites", "plain s", "SecAgg+ s", "SecAgg+ / plain", "goal"):
+    table = Table(
+        title=f"round time in simulation (train + evaluate), median of rounds 2-{rounds}"
+    )
+    for column in ("workload", "sites", "plain s", "SecAgg+ s", "extra s", "SecAgg+ / plain",
+                   "goal"):
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory(prefix="fedrad-bench-") as tmp:
-        for sites in (5, 10):
-            sites_dir = Path(tmp) / f"sites-{sites}"
-            write_consortium(sites_dir, SynthConfig(sites=sites, image_size=32,
-                                                    samples_per_site=40))
-            plain = _round_seconds(sites_dir, Path(tmp) / f"plain-{sites}", secure=False,
-                                   rounds=rounds)
-            secure = _round_seconds(sites_dir, Path(tmp) / f"secure-{sites}", secure=True,
-                                    rounds=rounds)
-            table.add_row(str(sites), f"{plain:.2f}", f"{secure:.2f}", f"{secure / plain:.2f}x",
-                          "<= 1.25x")
+        for workload in workloads:
+            size, epochs, samples, model = WORKLOADS[workload]
+            for sites in (5, 10):
+                sites_dir = Path(tmp) / f"{workload}-sites-{sites}"
+                write_consortium(sites_dir, SynthConfig(sites=sites, image_size=size,
+                                                        samples_per_site=samples))
+                times = {
+                    secure: _round_seconds(sites_dir, Path(tmp) / f"{workload}-{sites}-{secure}",
+                                           secure=secure, rounds=rounds, workload=workload)
+                    for secure in (False, True)
+                }
+                plain, secure_s = times[False], times[True]
+                table.add_row(f"{workload}: {model} {size} px, {epochs} ep, {samples}/site",
+                              str(sites), f"{plain:.2f}", f"{secure_s:.2f}",
+                              f"{secure_s - plain:+.2f}", f"{secure_s / plain:.2f}x", "<= 1.25x")
+    return table
+
+
+def deployment_table(site_counts: list[int], rounds: int) -> Table:
+    """Round time with and without SecAgg+ on the deployment engine, tiny workload: no goal."""
+    size, epochs, samples, model = WORKLOADS["tiny"]
+    workload = Workload(model=model, image_size=size, local_epochs=epochs,
+                        samples_per_site=samples)
+    table = Table(
+        title=(f"round time on the deployment engine (TLS SuperLink, SuperNodes on loopback; "
+               f"tiny: {model} {size} px, {epochs} ep, {samples}/site), median of rounds "
+               f"2-{rounds}: for information, no goal")
+    )
+    for column in ("sites", "plain s", "SecAgg+ s", "extra s", "SecAgg+ / plain", "note"):
+        table.add_column(column, justify="right")
+    notes = []
+    for sites in site_counts:
+        result = measure_deployment(sites, workload, rounds=rounds)
+        table.add_row(str(sites), f"{result.plain:.2f}", f"{result.secure:.2f}",
+                      f"{result.secure - result.plain:+.2f}",
+                      f"{result.secure / result.plain:.2f}x", "for information")
+        exchanges = ", ".join(f"{name} {s:.2f}" for name, s in result.exchanges.items())
+        notes.append(f"{sites} sites: SecAgg+ exchanges (s, median): {exchanges}; "
+                     f"both runs took {result.wall:.0f} s")
+    table.caption = "\n".join(notes)
     return table
 
 
@@ -114,8 +166,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--secagg", action="store_true", help="also time simulated rounds")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
+                        default=["demo", "tiny"], help="simulated workloads for --secagg")
+    parser.add_argument("--skip-steps", action="store_true",
+                        help="only the secure-aggregation table(s)")
+    parser.add_argument("--deployment", action="store_true",
+                        help="also time rounds on the deployment engine (minutes)")
+    parser.add_argument("--only-deployment", action="store_true",
+                        help="only the deployment-engine table")
+    parser.add_argument("--deployment-sites", nargs="+", type=int, choices=(5, 10), default=[5],
+                        help="SuperNodes for --deployment (default 5)")
+    parser.add_argument("--deployment-rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.deployment_rounds < 2:
+        parser.error("--deployment-rounds must be at least 2 (round 1 is not timed).")
     torch.set_num_threads(args.threads)
+    if args.only_deployment:
+        Console().print(deployment_table(args.deployment_sites, args.deployment_rounds))
+        return
+    if args.skip_steps and (args.secagg or args.deployment):
+        if args.secagg:
+            Console().print(secagg_table(args.rounds, args.workloads))
+        if args.deployment:
+            Console().print(deployment_table(args.deployment_sites, args.deployment_rounds))
+        return
     table = Table(title=f"one training step, batch 32, {args.threads} thread(s), CPU")
     for column in ("model", "input", "plain ms", "DP-SGD ms", "DP / plain", "goal"):
         table.add_column(column, justify="right")
@@ -125,7 +199,9 @@ def main() -> None:
                       f"{dp / plain:.2f}x", "<= 2.5x")
     Console().print(table)
     if args.secagg:
-        Console().print(secagg_table(args.rounds))
+        Console().print(secagg_table(args.rounds, args.workloads))
+    if args.deployment:
+        Console().print(deployment_table(args.deployment_sites, args.deployment_rounds))
 
 
 if __name__ == "__main__":
