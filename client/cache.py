@@ -39,7 +39,8 @@ from fedrad.durable import replace_atomically, write_atomic
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
-"""Bumped whenever the layout changes: 2 = one stacked sample tensor, verdicts as lists."""
+"""Bumped whenever the layout changes: 2 = one stacked sample tensor, verdicts as lists,
+a one-file sample keyed by the file's own hash."""
 _PACK = "samples"
 
 
@@ -55,7 +56,9 @@ def transform_digest(config: TransformConfig) -> str:
 
 
 def sample_key(file_hashes: list[str]) -> str:
-    """Key of a sample made of these files (in order)."""
+    """Key of a sample made of these files (in order): a single file's is its own hash."""
+    if len(file_hashes) == 1:
+        return file_hashes[0]
     return hashlib.sha256("|".join(file_hashes).encode()).hexdigest()
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -148,18 +149,20 @@ class _Pass:
         """Know the verdict of every file in ``relatives`` (from the cache or by ingesting)."""
         unknown: list[str] = []
         folder = os.path.join(self.site_dir, "")
+        cached = self.cache.verdict if self.cache else lambda rel, stat: None
+        stats, verdicts = self.stats, self.verdicts
         for rel in relatives:
             try:
-                stat = self.stats[rel] = os.stat(folder + rel)
+                stat = stats[rel] = os.stat(folder + rel)
             except OSError:
                 unknown.append(rel)  # the ingest says why (a broken link, say); not cached
                 continue
-            record = self.cache.verdict(rel, stat) if self.cache else None
+            record = cached(rel, stat)
             verdict = verdict_from_record(rel, record) if record is not None else None
             if verdict is None:
                 unknown.append(rel)
             else:
-                self.verdicts[rel] = verdict
+                verdicts[rel] = verdict
         self.ingest(unknown)
 
     def ingest(self, relatives: list[str]) -> None:
@@ -242,8 +245,9 @@ def load_site(
     by_path = all(row.id in present for row in rows)
     work = _Pass(site_dir, config, settings)
     work.check(sorted({row.id for row in rows}) if by_path else files)
-    accepted = [v for v in work.verdicts.values() if isinstance(v, AcceptedFile)]
-    groups = {} if by_path else _group(accepted)
+    groups = {}
+    if not by_path:
+        groups = _group([v for v in work.verdicts.values() if isinstance(v, AcceptedFile)])
     missing = [r for r in rows if r.id not in present and r.id not in groups]
     if missing:
         raise _missing_error(site_dir, missing)
@@ -251,12 +255,17 @@ def load_site(
     skipped: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
     for row in rows:
-        targets = [work.verdicts[row.id]] if row.id in present else groups[row.id]
-        rejected = [v for v in targets if isinstance(v, QuarantinedFile)]
-        if rejected:
-            skipped.append((row.id, f"{rejected[0].reason}: {rejected[0].detail}"))
+        if row.id in present:
+            verdict = work.verdicts[row.id]
+            targets: list[Verdict] = [verdict]
+            rejected = verdict if isinstance(verdict, QuarantinedFile) else None
+        else:
+            targets = list(groups[row.id])
+            rejected = next((v for v in targets if isinstance(v, QuarantinedFile)), None)
+        if rejected is not None:
+            skipped.append((row.id, f"{rejected.reason}: {rejected.detail}"))
             continue
-        chosen = [v for v in targets if isinstance(v, AcceptedFile)]
+        chosen = cast(list[AcceptedFile], targets)  # none of them quarantined
         key = sample_key([v.sha256 for v in chosen])
         if key in seen:
             skipped.append((row.id, f"duplicate: same content as '{seen[key]}'"))
