@@ -12,7 +12,9 @@ Layout under the cache root (node config ``cache-dir``)::
     <site-digest>/files.json     a header line (format, record schema, digest of the rest),
                                  then path -> [size, mtime_ns, *verdict record] (client.ingest)
     <site-digest>/samples-<transform>.safetensors   tensor "samples" (N, C, *spatial); its
-                                 metadata holds the N sample keys, in order, and the format
+                                 metadata holds the N sample keys, in order, the format and
+                                 the summary of the last pass (see client.dataset), with
+                                 its digest
 
 A cache written in another format, or one that does not hold together, is ignored (and
 rewritten at the end of the pass), never misread.
@@ -83,9 +85,18 @@ class SiteCache:
         self.schema = list(schema)
         self._files_path = self.folder / "files.json"
         self._samples_path = self.folder / f"samples-{transform_digest(transform)}.safetensors"
-        self.files: dict[str, list[Any]] = self._read_files()
+        self._files: dict[str, list[Any]] | None = None
+        self.summary: Any = None
+        """What the last complete pass found (JSON data), if the pack holds it intact."""
         self.samples: dict[str, torch.Tensor] = self._read_samples()
         self._dirty = False
+
+    @property
+    def files(self) -> dict[str, list[Any]]:
+        """The index: path -> [size, mtime_ns, *verdict record] (read on first use)."""
+        if self._files is None:
+            self._files = self._read_files()
+        return self._files
 
     def _read_files(self) -> dict[str, list[Any]]:
         try:
@@ -116,10 +127,17 @@ class SiteCache:
                     return {}
                 keys = json.loads(meta["keys"])
                 pack = pack_file.get_tensor(_PACK) if keys else None
-            return self._unpack(keys, pack)
+            samples = self._unpack(keys, pack)
         except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable sample cache %s (%s)", self._samples_path, exc)
             return {}
+        text = meta.get("pass", "")
+        if text and meta.get("pass-digest") == hashlib.sha256(text.encode()).hexdigest():
+            try:
+                self.summary = json.loads(text)
+            except ValueError:
+                self.summary = None
+        return samples
 
     def _unpack(self, keys: object, pack: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Sample views of the pack, after checking that keys and pack agree."""
@@ -179,6 +197,12 @@ class SiteCache:
             del self.samples[key]
         self._dirty = self._dirty or bool(stale)
 
+    def remember_pass(self, summary: object) -> None:
+        """Keep what this pass found (JSON data), or None, with the samples."""
+        if summary != self.summary:
+            self.summary = summary
+            self._dirty = True
+
     def save(self) -> None:
         """Write the index and the sample pack atomically (only when something changed)."""
         if not self._dirty:
@@ -191,6 +215,9 @@ class SiteCache:
         }
         write_atomic(self._files_path, json.dumps(header).encode() + b"\n" + body)
         meta = {"format": str(CACHE_FORMAT), "keys": json.dumps(list(self.samples))}
+        if self.summary is not None:
+            meta["pass"] = json.dumps(self.summary, separators=(",", ":"))
+            meta["pass-digest"] = hashlib.sha256(meta["pass"].encode()).hexdigest()
         samples = list(self.samples.values())
         replace_atomically(self._samples_path, lambda p: _write_pack(p, samples, meta))
         self._dirty = False

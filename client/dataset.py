@@ -8,6 +8,7 @@ the site as they are.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -87,6 +88,9 @@ class IngestSettings:
     timeout_s: float = 20.0
     max_bytes: int = DEFAULT_MAX_BYTES
     cache_root: Path | None = None
+
+
+_ATTRIBUTES = ("sex", "age-band", "manufacturer", "modality")
 
 
 def _attributes(verdict: AcceptedFile) -> dict[str, str]:
@@ -233,6 +237,12 @@ def load_site(
             "(or the run config 'sites-dir' in simulation) to a folder holding DICOM files "
             "and labels.csv."
         )
+    files = list_site_files(site_dir)
+    work = _Pass(site_dir, config, settings)
+    digests = _digests(site_dir, files) if work.cache else None
+    reused = _reuse(work, digests, num_classes) if digests else None
+    if reused is not None:
+        return _dataset(site_dir, *reused)
     rows = read_labels(site_dir)
     for row in rows:
         if row.label >= num_classes:
@@ -240,11 +250,10 @@ def load_site(
                 f"{site_dir / LABELS_FILE} line {row.line}: label {row.label} is not below "
                 f"num-classes={num_classes}; raise num-classes or fix the label."
             )
-    files = list_site_files(site_dir)
     present = set(files)
     by_path = all(row.id in present for row in rows)
-    work = _Pass(site_dir, config, settings)
-    work.check(sorted({row.id for row in rows}) if by_path else files)
+    checked = sorted({row.id for row in rows}) if by_path else files
+    work.check(checked)
     groups = {}
     if not by_path:
         groups = _group([v for v in work.verdicts.values() if isinstance(v, AcceptedFile)])
@@ -252,6 +261,7 @@ def load_site(
     if missing:
         raise _missing_error(site_dir, missing)
     samples: list[Sample] = []
+    keys: list[str] = []
     skipped: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
     for row in rows:
@@ -276,15 +286,21 @@ def load_site(
         except (ValueError, KeyError) as exc:
             skipped.append((row.id, str(exc)))
             continue
-        samples.append(
-            Sample(
-                row.id, row.label, row.split or assign_split(row.id), image, _attributes(chosen[0])
-            )
-        )
+        split = row.split or assign_split(row.id)
+        samples.append(Sample(row.id, row.label, split, image, _attributes(chosen[0])))
+        keys.append(key)
     if work.cache:
         work.cache.keep_only(set(seen))
         work.cache.forget_missing(present)
+        summary = None
+        if digests is not None and len(work.stats) == len(checked) and samples:
+            summary = _summary(digests, rows, work, samples, keys, skipped)
+        work.cache.remember_pass(summary)
         work.cache.save()
+    return _dataset(site_dir, samples, skipped)
+
+
+def _dataset(site_dir: Path, samples: list[Sample], skipped: list[tuple[str, str]]) -> SiteDataset:
     if skipped:
         log.warning("%s: skipped %d sample(s) that cannot be used", site_dir, len(skipped))
     if not samples:
@@ -294,3 +310,74 @@ def load_site(
             f"check {site_dir}' for every file's verdict."
         )
     return SiteDataset(site_dir=site_dir, samples=samples, skipped=skipped)
+
+
+# A cached pass over an unchanged folder repeats the last complete pass's outcome: same
+# labels.csv bytes, same file listing, every file it checked with the same size and mtime,
+# every sample still in the pack. Anything else runs the full pass above.
+
+
+def _digests(site_dir: Path, files: list[str]) -> tuple[str, str] | None:
+    """Digests of labels.csv's bytes and of the folder listing (None: no readable labels)."""
+    labels = site_dir / LABELS_FILE
+    try:
+        data = labels.read_bytes() if labels.is_file() else None
+    except OSError:
+        data = None
+    if data is None:
+        return None
+    listing = "\0".join(files).encode()
+    return hashlib.sha256(data).hexdigest(), hashlib.sha256(listing).hexdigest()
+
+
+def _summary(
+    digests: tuple[str, str],
+    rows: list[LabelRow],
+    work: _Pass,
+    samples: list[Sample],
+    keys: list[str],
+    skipped: list[tuple[str, str]],
+) -> dict[str, object]:
+    """What a complete pass found, as JSON data for the sample pack's metadata."""
+    return {
+        "labels": digests[0],
+        "listing": digests[1],
+        "max-label": max(row.label for row in rows),
+        "checked": [[rel, st.st_size, st.st_mtime_ns] for rel, st in work.stats.items()],
+        "samples": [
+            [s.id, s.label, s.split, key, *(s.attributes[a] for a in _ATTRIBUTES)]
+            for s, key in zip(samples, keys, strict=True)
+        ],
+        "skipped": [list(entry) for entry in skipped],
+    }
+
+
+def _reuse(
+    work: _Pass, digests: tuple[str, str], num_classes: int
+) -> tuple[list[Sample], list[tuple[str, str]]] | None:
+    """The last complete pass's samples and skipped ids, if nothing it used has changed."""
+    summary = work.cache.summary if work.cache else None
+    if not isinstance(summary, dict):
+        return None
+    try:
+        if (summary["labels"], summary["listing"]) != digests:
+            return None
+        if summary["max-label"] >= num_classes:
+            return None  # the full pass says which label
+        folder = os.path.join(work.site_dir, "")
+        for rel, size, mtime_ns in summary["checked"]:
+            stat = os.stat(folder + rel)
+            if stat.st_size != size or stat.st_mtime_ns != mtime_ns:
+                return None
+        samples = []
+        cached = work.cache.sample  # type: ignore[union-attr]
+        for sample_id, label, split, key, *attributes in summary["samples"]:
+            image = cached(key)
+            if image is None or len(attributes) != len(_ATTRIBUTES):
+                return None
+            attrs = dict(zip(_ATTRIBUTES, attributes, strict=True))
+            samples.append(Sample(sample_id, label, split, image, attrs))
+        skipped = [(sample_id, reason) for sample_id, reason in summary["skipped"]]
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+    return samples, skipped
