@@ -345,7 +345,7 @@ def _summary(
         "max-label": max(row.label for row in rows),
         "checked": [[rel, st.st_size, st.st_mtime_ns] for rel, st in work.stats.items()],
         "samples": [
-            [s.id, s.label, s.split, key, *(s.attributes[a] for a in _ATTRIBUTES)]
+            [s.id, s.label, s.split, key, *s.attributes.values()]  # in _ATTRIBUTES order
             for s, key in zip(samples, keys, strict=True)
         ],
         "skipped": [list(entry) for entry in skipped],

@@ -357,29 +357,33 @@ def _check_complete(ds: Dataset, size: int, path: Path) -> None:
     pydicom reads a cut-off value silently, and stops silently when fewer than the 8 bytes of
     an element header remain: only the last element read can show the cut.
     """
-    tags = list(ds.keys())  # in the order read
-    last = tags[-1] if tags else None
+    elements = _elements(ds)
+    last = next(reversed(elements), None)  # the elements are in the order read
     if last is None:
         raise DicomRejected(path, "file truncated after the file meta", code="truncated")
-    raw = ds.get_item(last)
+    raw = elements[last]
     if not isinstance(raw, RawDataElement) or raw.value is None or raw.length == 0xFFFFFFFF:
         return
-    name = pydicom.datadict.keyword_for_tag(raw.tag) or str(raw.tag)
     if len(raw.value) < raw.length:
         raise DicomRejected(
             path,
-            f"file truncated: {name} declares {raw.length} bytes, the file holds "
+            f"file truncated: {_name(raw.tag)} declares {raw.length} bytes, the file holds "
             f"{len(raw.value)} (cut-off copy, or a damaged length)",
             code="truncated",
         )
     trailing = size - (raw.value_tell + raw.length)
-    deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-    if 0 < trailing < 8 and not deflated:  # offsets of a deflated file are in the inflated data
-        raise DicomRejected(
-            path,
-            f"file truncated {trailing} byte(s) into the element after {name}",
-            code="truncated",
-        )
+    if 0 < trailing < 8:
+        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        if not deflated:  # offsets of a deflated file are in the inflated data
+            raise DicomRejected(
+                path,
+                f"file truncated {trailing} byte(s) into the element after {_name(raw.tag)}",
+                code="truncated",
+            )
+
+
+def _name(tag: BaseTag) -> str:
+    return pydicom.datadict.keyword_for_tag(tag) or str(tag)
 
 
 def check_object(ds: Dataset, path: Path) -> None:
