@@ -14,11 +14,11 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Container, MutableMapping
+from collections.abc import Container
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -214,14 +214,14 @@ def header_attributes(ds: Dataset) -> dict[str, object]:
     }
 
 
-def _elements(ds: Dataset) -> MutableMapping[BaseTag, Any]:
+def _elements(ds: Dataset) -> dict[BaseTag, Any]:
     """A dataset's elements by tag, as pydicom itself holds them.
 
     Looking tags up here skips ``Dataset.get_item`` and ``__contains__`` key conversions,
     which cost more than the checks themselves on small files. Values still raw are only
     used where they are plain bytes (never deferred: files are parsed whole).
     """
-    return ds._dict  # noqa: SLF001 - pydicom's own tag -> element mapping
+    return cast(dict[BaseTag, Any], ds._dict)  # noqa: SLF001 - pydicom's own mapping
 
 
 def _text(ds: Dataset, keyword: str) -> str:
