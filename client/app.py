@@ -27,7 +27,7 @@ from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, tra
 from fedrad import evalsums, keys
 from fedrad.config import RunConfig
 from fedrad.errors import FedradError
-from models import ModelSpec
+from models import DP_GRAD_SAMPLE_MODES, ModelSpec
 from privacy import (
     ClientDPPlan,
     DPRequest,
@@ -152,7 +152,14 @@ def _train_dp(
     )
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     return train_local_dp(
-        model, dataset, settings, plan, ledger, server_round=server_round, run_id=run_id
+        model,
+        dataset,
+        settings,
+        plan,
+        ledger,
+        server_round=server_round,
+        run_id=run_id,
+        grad_sample_mode=DP_GRAD_SAMPLE_MODES[config.model],
     )
 
 

@@ -105,6 +105,7 @@ def train_local_dp(
     server_round: int,
     run_id: str,
     seed: int | None = None,
+    grad_sample_mode: str = "hooks",
 ) -> DPTrainSums:
     """Train ``model`` in place for one round under DP-SGD and record the spend in ``ledger``.
 
@@ -128,6 +129,9 @@ def train_local_dp(
     seed : int | None
         None (default): sampling and noise from OS entropy. An int makes them reproducible,
         which voids the guarantee against anyone who knows it: tests only.
+    grad_sample_mode : str
+        Opacus' per-sample gradient method (``models.DP_GRAD_SAMPLE_MODES``): the same
+        gradients, at different speeds.
 
     Returns
     -------
@@ -162,6 +166,7 @@ def train_local_dp(
             max_grad_norm=plan.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise,
+            grad_sample_mode=grad_sample_mode,
         )
         if settings.proximal_mu > 0:
             global_params = [p.detach().clone() for p in optimizer.params]
@@ -208,10 +213,13 @@ def _run_epochs(
         for _ in range(epochs):
             for images, labels in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(images), labels)
-                loss.backward()
-                optimizer.step()
-                if len(labels):  # an empty Poisson batch still takes its (noise-only) step
+                if len(labels):
+                    loss = criterion(model(images), labels)
+                    loss.backward()
                     loss_sum += float(loss.detach()) * len(labels)
+                else:  # an empty Poisson batch still takes its (noise-only) step
+                    for param in optimizer.params:
+                        param.grad_sample = param.new_zeros((0, *param.shape))
+                optimizer.step()
                 steps += 1
     return loss_sum, steps

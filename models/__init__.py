@@ -5,7 +5,7 @@ a model that maps ``(B, C, H, W)`` (2D) or ``(B, C, D, H, W)`` (3D) to logits ``
 and trains under Opacus: no BatchNorm, no in-place ops, no parameter without a gradient.
 """
 
-from models.registry import MODELS, build_model
+from models.registry import DP_GRAD_SAMPLE_MODES, MODELS, build_model
 from models.spec import ModelSpec
 
-__all__ = ["MODELS", "ModelSpec", "build_model"]
+__all__ = ["DP_GRAD_SAMPLE_MODES", "MODELS", "ModelSpec", "build_model"]

@@ -13,13 +13,26 @@ from models.cnn import build_cnn
 from models.cnn_lstm import build_cnn_lstm
 from models.transformer import build_transformer
 
-__all__ = ["MODELS", "build_model", "check_model_name", "check_options"]
+__all__ = ["DP_GRAD_SAMPLE_MODES", "MODELS", "build_model", "check_model_name", "check_options"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": build_cnn,
     "cnn-lstm": build_cnn_lstm,
     "transformer": build_transformer,
 }
+
+DP_GRAD_SAMPLE_MODES: dict[str, str] = {
+    "cnn": "functorch",
+    "cnn-lstm": "hooks",
+    "transformer": "hooks",
+}
+"""How Opacus computes each family's per-sample gradients under DP-SGD (``grad_sample_mode``).
+
+The same gradients either way (a test compares them); only the speed differs. On CPU, for the
+convolution-heavy ``cnn``, functorch's vectorised per-sample gradients take about 1.7x a plain
+step where the hooks' unfold-based convolution sampler takes about 2.4-2.9x; for the other two
+the hooks are faster (``bench/privacy.py`` measures it).
+"""
 
 _COMMON_ARGS = frozenset({"spatial_dims", "in_channels", "num_classes", "image_size"})
 

@@ -366,3 +366,78 @@ def test_client_level_epsilon_is_rdp_of_the_subsampled_gaussian() -> None:
 def test_client_level_epsilon_rejects_invalid_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         client_level_epsilon(**kwargs)
+
+
+# ---------------------------------------------------------------- per-sample gradient modes
+
+
+@pytest.mark.parametrize(
+    ("name", "dims", "size"),
+    [("cnn", 2, (16, 16)), ("cnn", 3, (4, 8, 8)), ("cnn-lstm", 3, (3, 8, 8))],
+)
+def test_every_grad_sample_mode_gives_the_hooks_per_sample_gradients(name, dims, size) -> None:
+    from opacus import GradSampleModule
+
+    from models import DP_GRAD_SAMPLE_MODES
+
+    # Prepare: the same model twice, one per method
+    torch.manual_seed(0)
+    model = build_model(name, spatial_dims=dims, in_channels=1, num_classes=2, image_size=size)
+    images, labels = torch.rand(5, 1, *size), torch.tensor([0, 1, 1, 0, 1])
+    grads = {}
+
+    # Execute
+    for mode in ("hooks", DP_GRAD_SAMPLE_MODES[name]):
+        copy = build_model(name, spatial_dims=dims, in_channels=1, num_classes=2, image_size=size)
+        copy.load_state_dict(model.state_dict())
+        sampled = GradSampleModule(copy, force_functorch=mode == "functorch")
+        nn.functional.cross_entropy(sampled(images), labels).backward()
+        grads[mode] = {n: p.grad_sample.clone() for n, p in sampled.named_parameters()}
+
+    # Assert
+    hooks, chosen = grads["hooks"], grads[DP_GRAD_SAMPLE_MODES[name]]
+    assert hooks.keys() == chosen.keys()
+    for key in hooks:
+        assert hooks[key].shape[0] == 5
+        torch.testing.assert_close(chosen[key], hooks[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_empty_poisson_batches_take_noise_only_steps_in_every_mode(tmp_path, mode) -> None:
+    # Prepare: an expected batch of 1 of 32 samples: each batch is empty with probability
+    # (31/32)^32 = 0.36, so all 32 non-empty has probability below 1e-6
+    model = tiny_model()
+    settings = train_settings(batch_size=1)
+    request = DPRequest(
+        study_id="study-a",
+        target_epsilon=50.0,
+        max_grad_norm=1.0,
+        local_epochs=1,
+        noise_multiplier=1.0,
+        delta=1e-3,
+        accountant="rdp",
+    )
+    limits = SiteLimits(max_epsilon=100.0, max_delta=1e-2)
+    plan = resolve_dp(request, limits, num_train_samples=NUM_SAMPLES, batch_size=1)
+    before = parameters(model)
+
+    # Execute
+    sums = train_local_dp(
+        model,
+        tiny_dataset(),
+        settings,
+        plan,
+        open_ledger(tmp_path),
+        server_round=1,
+        run_id="run-1",
+        seed=3,
+        grad_sample_mode=mode,
+    )
+
+    # Assert: one step per sampled batch, empty ones included, all accounted; weights moved
+    assert sums.num_steps == NUM_SAMPLES
+    history = open_ledger(tmp_path).history
+    assert sum(entry[2] for entry in history) == NUM_SAMPLES
+    after = parameters(model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
