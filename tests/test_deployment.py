@@ -636,6 +636,11 @@ def test_dp_and_secure_aggregation_survive_a_site_lost_mid_run(
     assert secure["contributors"] == 3
     assert second["train"]["sites"] == {}  # no individual update reached the coordinator
     assert second["model-sha256"] != first["model-sha256"]
+    # evaluation sums were masked too: no per-site figures; the final model scored by 3 sites
+    assert second["evaluate"]["secure-aggregation"] is True and second["evaluate"]["sites"] == {}
+    assert second["evaluate"]["aggregate"]["num-examples"] > 0
+    final_evaluation = summary["final-evaluation"]
+    assert final_evaluation["status"] == "completed" and final_evaluation["contributors"] == 3
     round_1 = load_file(str(run_dir / "rounds" / "round-0001" / "model.safetensors"))
     final = load_file(str(run_dir / "model.safetensors"))
     assert all(np.isfinite(v).all() for v in final.values())
