@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -198,9 +199,10 @@ def preprocess_chunk(
 
 
 def _preprocess_one(transform: TransformConfig, result: Ingested) -> Ingested:
-    verdict = result.verdict
+    verdict = cast(AcceptedFile, result.verdict)
+    values = cast(np.ndarray, result.values)
     try:
-        image = preprocess(result.values, modality=verdict.modality, config=transform)  # type: ignore[arg-type, union-attr]
+        image = preprocess(values, modality=verdict.modality, config=transform)
     except Exception as exc:  # noqa: BLE001 - a file must never stop a pass
         return _failed(verdict.path, exc)
     return Ingested(verdict, image=image.numpy())
@@ -283,8 +285,8 @@ def verdict_from_record(path: str, record: list[object]) -> Verdict | None:
     """Rebuild a cached verdict; None when the record does not fit its kind."""
     kind, values = record[0], record[1:]
     if kind == "accepted" and len(values) == len(_ACCEPTED_FIELDS) - 1:
-        # Filled the way pickle fills it: the frozen __init__ costs 19 object.__setattr__ calls
-        # per file, a third of a cached pass.
+        # Filled the way pickle fills it: the frozen __init__ costs 19 object.__setattr__
+        # calls, more than the rest of rebuilding a cached verdict.
         verdict = object.__new__(AcceptedFile)
         verdict.__dict__.update(zip(_ACCEPTED_FIELDS, (path, *values), strict=True))
         return verdict
