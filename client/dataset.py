@@ -203,7 +203,7 @@ class _Pass:
         if self.config.kind == "2d":
             if len(files) != 1 or parts[0].image is None:
                 raise ValueError(f"a series of {len(files)} slices cannot be a 2D sample")
-            tensor = torch.from_numpy(parts[0].image)
+            tensor = torch.as_tensor(parts[0].image)  # shares the memory
         else:
             values = [p.values for p in parts]
             volume = values[0] if len(values) == 1 else np.stack(values)  # type: ignore[arg-type]

@@ -53,7 +53,7 @@ class Ingested:
     """
 
     verdict: Verdict
-    image: np.ndarray | None = None
+    image: np.ndarray | torch.Tensor | None = None
     values: np.ndarray | None = None
     shared: bool = False
     """The image was written to the file's slot of :class:`SharedImages`, not sent."""
@@ -257,9 +257,10 @@ def ingest_files(
         finish=finish,
     )
     out: dict[str, Ingested] = {}
+    slots = torch.from_numpy(shared.array).unbind(0) if shared is not None else ()
     for i, (rel, result) in enumerate(zip(relatives, results, strict=True)):
-        if result.shared and shared is not None:
-            result = Ingested(result.verdict, image=shared.array[i])
+        if result.shared and slots:
+            result = Ingested(result.verdict, image=slots[i])
         if result.verdict.path != rel:
             result = replace(result, verdict=replace(result.verdict, path=rel))
         out[rel] = result
