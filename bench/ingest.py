@@ -29,6 +29,8 @@ from client.dataset import IngestSettings, load_site
 from client.transforms import TransformConfig
 from fedrad.synth import SynthConfig, write_consortium
 
+CONSOLE = Console(width=160)  # full tables also when piped to a file or CI log
+
 
 def _raw_chunk(paths: list[str]) -> int:
     for path in paths:
@@ -97,7 +99,7 @@ def main() -> None:
         f"{best['cached'] / best['first']:.1f} x (b)",
         ">= 20 x (b)",
     )
-    Console().print(table)
+    CONSOLE.print(table)
     print(f"samples loaded per pass: {n}")
 
 

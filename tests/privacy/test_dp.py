@@ -63,7 +63,7 @@ def train_settings(*, proximal_mu: float = 0.0, batch_size: int = BATCH) -> Trai
     )
 
 
-def tiny_plan(*, target: float = 50.0, accountant: str = "rdp") -> DPPlan:
+def tiny_plan(*, target: float = 50.0, accountant: str = "rdp", batch: int = BATCH) -> DPPlan:
     request = DPRequest(
         study_id="study-a",
         target_epsilon=target,
@@ -74,7 +74,7 @@ def tiny_plan(*, target: float = 50.0, accountant: str = "rdp") -> DPPlan:
         accountant=accountant,
     )
     limits = SiteLimits(max_epsilon=100.0, max_delta=1e-2)
-    return resolve_dp(request, limits, num_train_samples=NUM_SAMPLES, batch_size=BATCH)
+    return resolve_dp(request, limits, num_train_samples=NUM_SAMPLES, batch_size=batch)
 
 
 def open_ledger(root: Path) -> PrivacyLedger:
@@ -408,17 +408,7 @@ def test_empty_poisson_batches_take_noise_only_steps_in_every_mode(tmp_path, mod
     # (31/32)^32 = 0.36, so all 32 non-empty has probability below 1e-6
     model = tiny_model()
     settings = train_settings(batch_size=1)
-    request = DPRequest(
-        study_id="study-a",
-        target_epsilon=50.0,
-        max_grad_norm=1.0,
-        local_epochs=1,
-        noise_multiplier=1.0,
-        delta=1e-3,
-        accountant="rdp",
-    )
-    limits = SiteLimits(max_epsilon=100.0, max_delta=1e-2)
-    plan = resolve_dp(request, limits, num_train_samples=NUM_SAMPLES, batch_size=1)
+    plan = tiny_plan(batch=1)
     before = parameters(model)
 
     # Execute

@@ -83,34 +83,25 @@ def test_a_count_out_of_range_or_of_the_wrong_shape_fails_loudly():
         InMemoryRound(_setup(), _inputs(), counts=counts).run()
 
 
+def _create(**overrides):
+    arguments = {
+        "round_id": "r",
+        "participants": list(SITES),
+        "threshold": 3,
+        "array_shapes": {},
+        "clipping_range": 1.0,
+        **overrides,
+    }
+    return RoundSetup.create(**arguments)
+
+
 def test_setup_with_counts_round_trips_and_checks_overflow_and_names():
     setup = _setup(arrays=False)
     assert setup_from_bytes(setup_to_bytes(setup)) == setup
     assert setup.vector_length == sum(COUNTS.values())
     with pytest.raises(ConfigurationError, match="too small"):
-        RoundSetup.create(
-            round_id="r",
-            participants=list(SITES),
-            threshold=3,
-            array_shapes={},
-            clipping_range=1.0,
-            count_sizes=COUNTS,
-            max_count=1 << 62,
-        )
+        _create(count_sizes=COUNTS, max_count=1 << 62)
     with pytest.raises(ConfigurationError, match="distinct"):
-        RoundSetup.create(
-            round_id="r",
-            participants=list(SITES),
-            threshold=3,
-            array_shapes={"n": (1,)},
-            clipping_range=1.0,
-            count_sizes={"n": 1},
-        )
+        _create(array_shapes={"n": (1,)}, count_sizes={"n": 1})
     with pytest.raises(ConfigurationError, match="at least one array or one count"):
-        RoundSetup.create(
-            round_id="r",
-            participants=list(SITES),
-            threshold=3,
-            array_shapes={},
-            clipping_range=1.0,
-        )
+        _create()
