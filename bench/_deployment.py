@@ -86,13 +86,28 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return f"--- {path}: no log"
 
 
-def _flwr_run(local: ModuleType, children: list[Any], link: Any, env: dict[str, str],
-              run_dir: Path, run_config: str, *, timeout: float) -> list[dict[str, Any]]:
+def _flwr_run(
+    local: ModuleType,
+    children: list[Any],
+    link: Any,
+    env: dict[str, str],
+    run_dir: Path,
+    run_config: str,
+    *,
+    timeout: float,
+) -> list[dict[str, Any]]:
     """``flwr run . fedrad-local --stream``; wait for ``summary.json``; return the rounds."""
     flwr_run = local.start(
         f"flwr-run-{run_dir.name}",
-        [str(local.BIN / "flwr"), "run", str(ROOT), local.CONNECTION, "--stream", "-c",
-         f"{run_config} out-dir='{run_dir}'"],
+        [
+            str(local.BIN / "flwr"),
+            "run",
+            str(ROOT),
+            local.CONNECTION,
+            "--stream",
+            "-c",
+            f"{run_config} out-dir='{run_dir}'",
+        ],
         env=env,
         log_dir=run_dir.parent / "logs",
     )
@@ -134,28 +149,46 @@ def _median_exchanges(rounds: list[dict[str, Any]]) -> dict[str, float]:
     return {name: statistics.median(s[name] for s in per_round) for name in names}
 
 
-def measure_deployment(sites: int, workload: Workload, *, rounds: int,
-                       timeout: float = 1800.0) -> DeploymentTimes:
+def measure_deployment(
+    sites: int, workload: Workload, *, rounds: int, timeout: float = 1800.0
+) -> DeploymentTimes:
     """Round time without and with SecAgg+ on one consortium of ``sites`` SuperNodes."""
     local = _load_launcher()
     started = time.monotonic()
     children: list[Any] = []
-    with tempfile.TemporaryDirectory(prefix="fedrad-bench-deploy-") as tmp, \
-            _sigterm_as_interrupt():
+    with tempfile.TemporaryDirectory(prefix="fedrad-bench-deploy-") as tmp, _sigterm_as_interrupt():
         work = Path(tmp)
         sites_dir = work / "sites"
-        write_consortium(sites_dir, SynthConfig(sites=sites, image_size=workload.image_size,
-                                                samples_per_site=workload.samples_per_site))
+        write_consortium(
+            sites_dir,
+            SynthConfig(
+                sites=sites,
+                image_size=workload.image_size,
+                samples_per_site=workload.samples_per_site,
+            ),
+        )
         quiet = {"FLWR_TELEMETRY_ENABLED": "0"}  # as in tests/test_deployment.py
         try:
             with mock.patch.dict(os.environ, quiet):  # launch() hands os.environ to its children
-                local.launch(work / "consortium", list_site_dirs(sites_dir), children,
-                             port=local.free_port(), min_cell_count=1)
-            env = {**os.environ, **quiet, "FLWR_HOME": str(work / "consortium" / "flwr-home"),
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+                local.launch(
+                    work / "consortium",
+                    list_site_dirs(sites_dir),
+                    children,
+                    port=local.free_port(),
+                    min_cell_count=1,
+                )
+            env = {
+                **os.environ,
+                **quiet,
+                "FLWR_HOME": str(work / "consortium" / "flwr-home"),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            }
             runs = {
                 secure: _flwr_run(
-                    local, children, children[0], env,
+                    local,
+                    children,
+                    children[0],
+                    env,
                     work / f"run-{'secure' if secure else 'plain'}",
                     _run_config(workload, sites_dir, rounds=rounds, secure=secure),
                     timeout=timeout,
