@@ -50,7 +50,6 @@ from privacy.secagg import (
     ShareDelivery,
     UnmaskRequest,
 )
-from privacy.secagg.quantise import encode_update
 from privacy.secagg.state import (
     KEYS_ACTION,
     LOSS_ARRAY,
@@ -188,19 +187,7 @@ def _advertise_keys(
     weight = 1
     if setup.array_names:
         update, weight = _trained_update(msg, context, setup, global_arrays, train_fn)
-    encode_update(  # refuse now, before any key is shared, rather than at masking
-        update,
-        weight=weight,
-        names=setup.array_names,
-        shapes=setup.array_shapes,
-        clipping_range=setup.clipping_range,
-        bits=setup.quantisation_bits,
-        max_weight=setup.max_weight,
-        counts=counts,
-        count_names=setup.count_names,
-        count_sizes=setup.count_sizes,
-        max_count=setup.max_count,
-    )
+    setup.encode(update, weight=weight, counts=counts)  # refuse now, before keys are shared
     context.state[COUNTS_STATE] = ArrayRecord(
         {name: Array(np.ascontiguousarray(value)) for name, value in counts.items()}
     )

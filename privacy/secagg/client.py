@@ -40,7 +40,6 @@ from .messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from .quantise import encode_update
 from .round_setup import MAX_VECTOR_LENGTH, RoundSetup
 from .shamir import SHARE_BYTES, split_secret
 
@@ -213,19 +212,7 @@ class ClientSession:
         """
         with self._step(_Stage.SHARED, _Stage.MASKED):
             setup = self._checked_setup(delivery.round_id, delivery.receiver)
-            encoded = encode_update(
-                arrays,
-                weight=weight,
-                names=setup.array_names,
-                shapes=setup.array_shapes,
-                clipping_range=setup.clipping_range,
-                bits=setup.quantisation_bits,
-                max_weight=setup.max_weight,
-                counts=counts,
-                count_names=setup.count_names,
-                count_sizes=setup.count_sizes,
-                max_count=setup.max_count,
-            )
+            encoded = setup.encode(arrays, weight=weight, counts=counts)
             senders = self._checked_peers(delivery.senders, self._peer_mask_keys)
             for sender, sealed in zip(senders, delivery.sealed_shares, strict=True):
                 self._held[sender] = self._open(sender, sealed)

@@ -8,10 +8,12 @@ import secrets
 from collections.abc import Mapping
 from functools import cached_property
 
+import numpy as np
+
 from .errors import ConfigurationError
 from .graph import default_degree, neighbour_graph
 from .ids import NodeId, validate_ids
-from .quantise import check_count_modulus, check_modulus
+from .quantise import check_count_modulus, check_modulus, encode_update
 
 __all__ = ["MAX_PARTICIPANTS", "MAX_VECTOR_LENGTH", "RoundSetup"]
 
@@ -127,6 +129,34 @@ class RoundSetup:
     def vector_length(self) -> int:
         """Words in one input without the weight word: the values, then the counts."""
         return self.value_length + sum(self.count_sizes)
+
+    def encode(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        weight: int,
+        counts: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Encode one site's input for this round (see :func:`~.quantise.encode_update`).
+
+        Raises
+        ------
+        InputError, InputRangeError
+            If the input does not fit the round; nothing is clipped.
+        """
+        return encode_update(
+            arrays,
+            weight=weight,
+            names=self.array_names,
+            shapes=self.array_shapes,
+            clipping_range=self.clipping_range,
+            bits=self.quantisation_bits,
+            max_weight=self.max_weight,
+            counts=counts,
+            count_names=self.count_names,
+            count_sizes=self.count_sizes,
+            max_count=self.max_count,
+        )
 
     @cached_property
     def neighbours(self) -> dict[NodeId, frozenset[NodeId]]:
