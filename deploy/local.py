@@ -101,6 +101,30 @@ class Child:
             self.proc.wait(timeout=5)
 
 
+def superlink_command(
+    *, ca_cert: Path, cert: Path, key: Path, port: int, database: Path, log_file: Path | None = None
+) -> list[str]:
+    """The ``flower-superlink`` command line: TLS, node authentication, loopback ``port``."""
+    command = [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile",
+        str(ca_cert),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
+        "--enable-supernode-auth",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(database),
+    ]
+    return command + ([] if log_file is None else ["--log-file", str(log_file)])
+
+
 def start(name: str, args: list[str], *, env: dict[str, str], log_dir: Path) -> Child:
     """Start ``args`` in a new session with output to ``log_dir/<name>.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -210,23 +234,13 @@ def launch(
     }
     link = start(
         "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(ca.cert),
-            "--ssl-certfile",
-            str(server.cert),
-            "--ssl-keyfile",
-            str(server.key),
-            "--enable-supernode-auth",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-            "--database",
-            str(workdir / "superlink.db"),
-        ],
+        superlink_command(
+            ca_cert=ca.cert,
+            cert=server.cert,
+            key=server.key,
+            port=port,
+            database=workdir / "superlink.db",
+        ),
         env=env,
         log_dir=logs,
     )

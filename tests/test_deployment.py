@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,6 +52,16 @@ RUN_CONFIG = (
 
 
 # ---------------------------------------------------------------- processes
+
+
+def _deploy_script(name: str) -> Any:
+    """``deploy/NAME.py`` as a module (``deploy/`` is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"deploy_{name}", ROOT / "deploy" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -276,25 +287,14 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuperLink]:
     launcher = Launcher(base / "logs")
     process = launcher.start(
         "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(ca.cert),
-            "--ssl-certfile",
-            str(server.cert),
-            "--ssl-keyfile",
-            str(server.key),
-            "--enable-supernode-auth",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-            "--database",
-            str(base / "state.db"),
-            "--log-file",
-            str(base / "logs" / "superlink-rotating.log"),
-        ],
+        _deploy_script("local").superlink_command(
+            ca_cert=ca.cert,
+            cert=server.cert,
+            key=server.key,
+            port=port,
+            database=base / "state.db",
+            log_file=base / "logs" / "superlink-rotating.log",
+        ),
         env=env,
     )
     try:
@@ -533,10 +533,7 @@ def test_local_launcher_starts_a_federation_and_stops_every_process(tmp_path: Pa
 
 def test_certs_command_makes_a_working_chain_and_never_overwrites_keys(tmp_path: Path) -> None:
     # Prepare
-    spec = importlib.util.spec_from_file_location("deploy_certs", ROOT / "deploy" / "certs.py")
-    assert spec is not None and spec.loader is not None
-    certs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(certs)
+    certs = _deploy_script("certs")
 
     # Execute
     codes = [
