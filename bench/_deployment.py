@@ -1,4 +1,4 @@
-"""Round time on Flower's deployment engine, for ``bench/privacy.py --deployment``.
+"""Round time on Flower's deployment engine, for ``bench/privacy_speed.py --deployment``.
 
 A real consortium on loopback: a TLS SuperLink with node authentication and one registered
 SuperNode per site, started by ``deploy/local.py``'s :func:`launch` (credentials, free port,
@@ -26,7 +26,7 @@ from types import FrameType, ModuleType
 from typing import Any
 from unittest import mock
 
-from fedrad.sites import list_site_dirs
+from fedrad.core.sites import list_site_dirs
 from fedrad.synth import SynthConfig, write_consortium
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def _run_config(workload: Workload, sites_dir: Path, *, rounds: int, secure: boo
 def _median_exchanges(rounds: list[dict[str, Any]]) -> dict[str, float]:
     """Median seconds of each SecAgg+ exchange, in protocol order (``keys`` includes training)."""
     per_round = [r["train"]["secure-aggregation"]["seconds"] for r in rounds]
-    # metrics.jsonl sorts keys; not imported from privacy.secagg: bench/privacy.py shadows it
+    # metrics.jsonl sorts keys: put the exchanges back in protocol order
     order = ("secagg_keys", "secagg_shares", "secagg_mask", "secagg_unmask", "total")
     names = sorted(per_round[0], key=lambda n: order.index(n) if n in order else len(order))
     return {name: statistics.median(s[name] for s in per_round) for name in names}

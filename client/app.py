@@ -24,9 +24,9 @@ from client.reply import check_reply
 from client.secagg import register as register_secagg
 from client.site import Site, resolve_site, site_dataset
 from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, train_local
-from fedrad import evalsums, keys
-from fedrad.config import RunConfig
-from fedrad.errors import FedradError
+from fedrad.core import evalsums, keys
+from fedrad.core.config import RunConfig
+from fedrad.core.errors import FedradError
 from models import DP_GRAD_SAMPLE_MODES, ModelSpec
 from privacy import (
     ClientDPPlan,

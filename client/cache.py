@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 from client.transforms import TransformConfig
-from fedrad.durable import replace_atomically, write_atomic
+from fedrad.core.durable import replace_atomically, write_atomic
 
 log = logging.getLogger(__name__)
 

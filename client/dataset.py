@@ -32,7 +32,7 @@ from client.ingest import (
 from client.labels import LABELS_FILE, LabelRow, assign_split, read_labels
 from client.scan import DEFAULT_MAX_BYTES, AcceptedFile, QuarantinedFile, list_site_files
 from client.transforms import TransformConfig, preprocess
-from fedrad.errors import DataError
+from fedrad.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from fedrad.errors import FedradError
+from fedrad.core.errors import FedradError
 
 REASON_HELP: dict[str, str] = {
     "not-dicom": "not a DICOM Part-10 file (no preamble and 'DICM' prefix): empty, text, an "

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.errors import DataError
+from fedrad.core.errors import DataError
 
 LABELS_FILE = "labels.csv"
 SPLITS = ("train", "val", "test")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.disclosure import is_allowed_cell
-from fedrad import keys
-from fedrad.errors import FedradError
+from fedrad.core import keys
+from fedrad.core.errors import FedradError
 from privacy.secagg import ProtocolError
 from privacy.secagg.state import check_reply_fields
 

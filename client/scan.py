@@ -37,7 +37,7 @@ from client.dicom import (
 )
 from client.labels import LABELS_FILE
 from client.scan_worker import run_in_workers
-from fedrad.errors import ConfigError, DataError
+from fedrad.core.errors import ConfigError, DataError
 
 __all__ = [
     "QUARANTINE_REASONS",

@@ -3,7 +3,7 @@
 A round reaches a site as four messages, ``train.secagg_keys``, ``train.secagg_shares``,
 ``train.secagg_mask`` and ``train.secagg_unmask``. The first carries the global model, the
 training config and the round setup. When the setup names evaluation counts, the site first
-evaluates the model it was sent on its validation split (the sums of ``fedrad.evalsums``);
+evaluates the model it was sent on its validation split (the sums of ``fedrad.core.evalsums``);
 when it names arrays, the site then trains exactly as for plain FedAvg. It keeps its update,
 its counts and its :class:`~privacy.secagg.ClientSession` in ``context.state`` (in deployment
 every message runs in a fresh ClientApp process) and answers with its public keys. A setup
@@ -36,8 +36,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.reply import check_reply
-from fedrad import keys
-from fedrad.errors import FedradError
+from fedrad.core import keys
+from fedrad.core.errors import FedradError
 from privacy.secagg import (
     ClientSession,
     InputError,
@@ -101,7 +101,7 @@ def register(app: ClientApp, train_fn: TrainFn, evaluate_fn: EvaluateFn) -> None
         ``num-examples`` and ``loss-sum``); its errors become error replies.
     evaluate_fn
         Local evaluation of the message's model on the validation split, as the named integer
-        counts of ``fedrad.evalsums``; its errors become error replies.
+        counts of ``fedrad.core.evalsums``; its errors become error replies.
     """
     step = functools.partial(_advertise_keys, train_fn=train_fn, evaluate_fn=evaluate_fn)
     app.train(KEYS_ACTION)(_handler(step))

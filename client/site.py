@@ -14,9 +14,9 @@ from typing import Any
 from client.cache import default_cache_root
 from client.dataset import IngestSettings, SiteDataset, load_site
 from client.transforms import TransformConfig
-from fedrad.config import NodeConfig, RunConfig
-from fedrad.errors import DataError
-from fedrad.sites import ensure_demo_sites, list_site_dirs
+from fedrad.core.config import NodeConfig, RunConfig
+from fedrad.core.errors import DataError
+from fedrad.core.sites import list_site_dirs
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,13 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         return _site(node, data_dir, cache, ledger)
     if node.partition_id >= 0:
         raw = str(run_config.get("sites-dir", ""))
-        sites_dir = Path(raw).expanduser() if raw else ensure_demo_sites()
+        if not raw:
+            raise DataError(
+                "The run config names no sites-dir, so this simulated site has no data. Write a "
+                "consortium first ('fedrad synth runs/demo/sites --sites 4') and name it: "
+                "flwr run . -c \"sites-dir='runs/demo/sites'\" (or use 'fedrad demo')."
+            )
+        sites_dir = Path(raw).expanduser()
         sites = list_site_dirs(sites_dir)
         if node.partition_id >= len(sites):
             raise DataError(

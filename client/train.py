@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedrad.keys import SCORE_BINS
+from fedrad.core.keys import SCORE_BINS
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from monai.data import set_track_meta
 from monai.transforms import Resize, ScaleIntensityRange
 
-from fedrad.errors import ConfigError
+from fedrad.core.errors import ConfigError
 
 set_track_meta(False)  # plain tensors: the metadata MONAI would track is not used here
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from fedrad.sites import list_site_dirs  # noqa: E402
+from fedrad.core.sites import list_site_dirs  # noqa: E402
 from privacy.certs import (  # noqa: E402
     CertificateAuthority,
     ServerCertificate,

@@ -31,7 +31,7 @@ DP_GRAD_SAMPLE_MODES: dict[str, str] = {
 The same gradients either way (a test compares them); only the speed differs. On CPU, for the
 convolution-heavy ``cnn``, functorch's vectorised per-sample gradients take about 1.7x a plain
 step where the hooks' unfold-based convolution sampler takes about 2.4-2.9x; for the other two
-the hooks are faster (``bench/privacy.py`` measures it).
+the hooks are faster (``bench/privacy_speed.py`` measures it).
 """
 
 _COMMON_ARGS = frozenset({"spatial_dims", "in_channels", "num_classes", "image_size"})

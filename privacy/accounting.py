@@ -18,7 +18,7 @@ from opacus.accountants import RDPAccountant, create_accountant  # type: ignore[
 from opacus.accountants.analysis import rdp as rdp_analysis  # type: ignore[import-untyped]
 from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
 
-from fedrad.errors import FedradError
+from fedrad.core.errors import FedradError
 
 __all__ = [
     "ACCOUNTANTS",

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedrad.durable import write_atomic
+from fedrad.core.durable import write_atomic
 
 __all__ = [
     "CertificateAuthority",

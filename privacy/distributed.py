@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedrad.errors import ConfigError
+from fedrad.core.errors import ConfigError
 from privacy.accounting import (
     BudgetExhausted,
     HistoryEntry,

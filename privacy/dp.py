@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedrad.errors import ConfigError
+from fedrad.core.errors import ConfigError
 from privacy.accounting import (
     ACCOUNTANTS,
     HistoryEntry,

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fedrad.durable import write_atomic
+from fedrad.core.durable import write_atomic
 from privacy.accounting import (
     ACCOUNTANTS,
     BudgetExhausted,

@@ -12,8 +12,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrad.config import RunConfig
-from fedrad.sites import list_site_dirs
+from fedrad.core.config import RunConfig
+from fedrad.core.sites import list_site_dirs
 from server.loop import Federation
 from server.rundir import RunDir, new_run_dir
 

@@ -21,8 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
-from fedrad import evalsums, keys
-from fedrad.config import RunConfig
+from fedrad.core import evalsums, keys
+from fedrad.core.config import RunConfig
 from models import ModelSpec
 from privacy import ClientDPPlan, planned_client_epsilon
 from server.exchange import send_and_receive

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedrad.keys import SCORE_BINS
+from fedrad.core.keys import SCORE_BINS
 
 
 def histogram_auc(positive: np.ndarray, negative: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """The run directory: what every run leaves on the coordinator's disk.
 
-Layout (schema version ``fedrad.config.SCHEMA_VERSION``)::
+Layout (schema version ``fedrad.core.config.SCHEMA_VERSION``)::
 
     RUN_DIR/run.json                       resolved configuration, seed, package versions
     RUN_DIR/metrics.jsonl                  one JSON line per round (per-site and aggregated)
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fedrad.config import SCHEMA_VERSION, RunConfig
-from fedrad.durable import replace_atomically
-from fedrad.errors import RunDirError
+from fedrad.core.config import SCHEMA_VERSION, RunConfig
+from fedrad.core.durable import replace_atomically
+from fedrad.core.errors import RunDirError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

@@ -2,7 +2,7 @@
 
 The coordinator learns only the weighted sum of the sites' model updates (weight: their number
 of training examples), of their training loss sums and, when asked, the exact sum of their
-evaluation counts (:mod:`fedrad.evalsums`) for the model it sent; never one site's. The round
+evaluation counts (:mod:`fedrad.core.evalsums`) for the model it sent; never one site's. The round
 takes four exchanges (see :mod:`client.secagg` for the site's side): the round setup with the
 global model (the sites evaluate it, train and answer with public keys), then key shares,
 masked inputs and unmasking. An evaluation-only round (``train=False``) sums counts only.
@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedrad import keys
+from fedrad.core import keys
 from privacy.secagg import (
     KeyAdvertisement,
     MaskedInput,
@@ -148,7 +148,7 @@ def secure_train_round(
         Bits per quantised value; largest number of training examples a site may weigh in.
     count_sizes, max_count
         Named integer counts every site adds, summed exactly (the evaluation of ``arrays``,
-        see :mod:`fedrad.evalsums`), and the largest one count may be at one site.
+        see :mod:`fedrad.core.evalsums`), and the largest one count may be at one site.
     train
         False for an evaluation-only round: the sites do not train, only counts are summed
         (``arrays`` of the result is then empty).

@@ -13,8 +13,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from fedrad import keys
-from fedrad.config import RunConfig
+from fedrad.core import keys
+from fedrad.core.config import RunConfig
 
 
 def sum_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

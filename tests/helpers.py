@@ -39,4 +39,4 @@ def run_command(
 
 def fedrad_command(*args: str) -> list[str]:
     """The installed ``fedrad`` command of this environment."""
-    return [sys.executable, "-m", "fedrad.cli", *args]
+    return [sys.executable, "-m", "fedrad.commands.cli", *args]

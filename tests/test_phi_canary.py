@@ -21,8 +21,8 @@ from helpers import fedrad_command, run_command
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from fedrad import keys
-from fedrad.config import RunConfig
+from fedrad.core import keys
+from fedrad.core.config import RunConfig
 from fedrad.synth import SynthConfig, write_consortium
 from server.loop import initial_arrays, model_spec
 from server.strategies import numpy_to_arrays

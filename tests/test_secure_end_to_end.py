@@ -67,7 +67,7 @@ def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tm
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])
 def test_aggregators_needing_individual_updates_are_refused(three_sites, tmp_path, strategy,
                                                              capsys):
-    from fedrad.cli import main
+    from fedrad.commands.cli import main
 
     code = main(["simulate", str(three_sites), "--out", str(tmp_path / "r"), "--min-sites", "3",
                  "--secure-aggregation", "true", "--strategy", strategy])

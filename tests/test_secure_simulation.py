@@ -74,7 +74,7 @@ def _client_app():
 def _site_config(config, spec, server_round):
     from flwr.app import ConfigRecord
 
-    from fedrad import keys
+    from fedrad.core import keys
 
     values = {
         k: v
@@ -89,7 +89,7 @@ def _plain_round(grid, nodes, arrays, site_config, server_round):
     """Plain train messages to every node: each site's model, weight and loss sum."""
     from flwr.app import Message, RecordDict
 
-    from fedrad import keys
+    from fedrad.core import keys
     from server.strategies import numpy_to_arrays
 
     content = RecordDict({keys.ARRAYS: numpy_to_arrays(arrays.items()), keys.CONFIG: site_config})
@@ -136,7 +136,7 @@ def _compare(result, sites, arrays):
 def _server_app(out: Path):
     from flwr.serverapp import ServerApp
 
-    from fedrad.config import RunConfig
+    from fedrad.core.config import RunConfig
     from server.loop import initial_arrays, model_spec
     from server.secagg import secure_train_round
 

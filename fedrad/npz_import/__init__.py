@@ -30,7 +30,6 @@ Identity
     folder's name, ImageComments the source (``pneumoniamnist.npz train[123]``).
 """
 
-from fedrad.npz_import.command import add_parser
 from fedrad.npz_import.importer import MANIFEST_FILE, FolderSummary, ImportSummary, import_npz
 
-__all__ = ["MANIFEST_FILE", "FolderSummary", "ImportSummary", "add_parser", "import_npz"]
+__all__ = ["MANIFEST_FILE", "FolderSummary", "ImportSummary", "import_npz"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrad.errors import ConfigError, DataError
+from fedrad.core.errors import ConfigError, DataError
 
 SPLIT_ORDER = ("train", "val", "test")
 """The first split present in this order goes to the sites; the others become holdouts."""

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from fedrad.errors import ConfigError, DataError
+from fedrad.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

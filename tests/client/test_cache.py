@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import client.dataset as dataset_module
 from client.dataset import IngestSettings, load_site
 from client.transforms import TransformConfig
-from fedrad.errors import DataError
+from fedrad.core.errors import DataError
 
 CONFIG = TransformConfig(kind="2d", image_size=32)
 

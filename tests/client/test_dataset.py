@@ -8,7 +8,7 @@ from pydicom.data import get_testdata_file
 
 from client.dataset import age_band, load_site
 from client.transforms import TransformConfig
-from fedrad.errors import DataError
+from fedrad.core.errors import DataError
 
 CONFIG_2D = TransformConfig(kind="2d", image_size=32)
 CONFIG_3D = TransformConfig(kind="3d", image_size=32, slices=8)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from client.disclosure import VOCABULARY, coarsen, subgroup_counts, vendor
 from client.reply import ReplyNotAllowed, check_reply
-from fedrad import keys
+from fedrad.core import keys
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 
-from fedrad.cli import build_parser, main
-from fedrad.config import RunConfig
+from fedrad.commands.cli import build_parser, main
+from fedrad.core.config import RunConfig
 
 SUBCOMMANDS = ["synth", "simulate", "evaluate", "demo", "import-npz", "site", "site check"]
 

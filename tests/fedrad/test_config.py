@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fedrad.config import RUN_CONFIG_HELP, NodeConfig, RunConfig, parse_overrides
-from fedrad.errors import ConfigError
+from fedrad.core.config import RUN_CONFIG_HELP, NodeConfig, RunConfig, parse_overrides
+from fedrad.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,9 @@ import pytest
 
 from client.dataset import load_site
 from client.transforms import TransformConfig
-from fedrad.errors import ConfigError, DataError
-from fedrad.npz_import import MANIFEST_FILE, ImportSummary, add_parser, import_npz
+from fedrad.core.errors import ConfigError, DataError
+from fedrad.commands.import_npz import add_parser
+from fedrad.npz_import import MANIFEST_FILE, ImportSummary, import_npz
 from fedrad.npz_import.archive import detect_kind
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fedrad.site_check import add_parser
+from fedrad.commands.site_check import add_parser
 from fedrad.synth import SynthConfig, write_consortium
 
 pytestmark = pytest.mark.timeout(120)

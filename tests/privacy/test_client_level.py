@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedrad.config import RunConfig
-from fedrad.errors import ConfigError
+from fedrad.core.config import RunConfig
+from fedrad.core.errors import ConfigError
 from privacy import (
     CLIENT_LEVEL_DELTA,
     BudgetExhausted,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from fedrad.errors import ConfigError, FedradError
+from fedrad.core.errors import ConfigError, FedradError
 from privacy import (
     BudgetExhausted,
     DPPlan,
@@ -325,7 +325,7 @@ def test_crash_before_replace_keeps_old_ledger(
     def crash(src: str, dst: str) -> None:
         raise OSError("simulated power cut")
 
-    monkeypatch.setattr(os, "replace", crash)  # fedrad.durable renames with os.replace
+    monkeypatch.setattr(os, "replace", crash)  # fedrad.core.durable renames with os.replace
 
     # Execute
     with pytest.raises(LedgerError, match="keeps its previous state"):

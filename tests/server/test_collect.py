@@ -1,7 +1,7 @@
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedrad import keys
+from fedrad.core import keys
 from server.loop import _collect
 
 

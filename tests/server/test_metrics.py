@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.train import evaluation_sums
-from fedrad.keys import SCORE_BINS
+from fedrad.core.keys import SCORE_BINS
 from server.metrics import exact_auc, histogram_auc, summarize, youden_threshold
 
 

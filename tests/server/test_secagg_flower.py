@@ -33,7 +33,7 @@ from flwr.common.serde import (
 from flwr.serverapp import Grid
 
 from client.secagg import ERROR_CODE_REFUSED, ERROR_CODE_SECAGG, SESSION_STATE, register
-from fedrad import evalsums, keys
+from fedrad.core import evalsums, keys
 from privacy.secagg import (
     ClientSession,
     ConfigurationError,
@@ -647,7 +647,7 @@ def test_a_stage_message_without_a_round_is_refused():
 
 
 def test_a_training_failure_becomes_an_error_reply():
-    from fedrad.errors import DataError
+    from fedrad.core.errors import DataError
 
     def broken(msg, context):
         raise DataError("site has no training samples")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedrad import keys
-from fedrad.config import STRATEGY_NAMES, RunConfig
+from fedrad.core import keys
+from fedrad.core.config import STRATEGY_NAMES, RunConfig
 from server.strategies import build_strategy, load_strategy_state, strategy_state, sum_metrics
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from client.dataset import load_site
 from client.site import transform_config
 from client.train import load_state, predict
-from fedrad.config import RunConfig
+from fedrad.core.config import RunConfig
 from models import ModelSpec
 from server.metrics import exact_auc
 from server.rundir import RUN_FILE, RunDir, read_json

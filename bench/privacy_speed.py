@@ -11,8 +11,8 @@ a TLS SuperLink with node authentication and real SuperNodes on loopback (``depl
 the tiny workload, 5 sites unless told otherwise (each message starts a ClientApp process that
 imports torch, so this takes minutes).
 
-    python bench/privacy.py [--threads 2] [--steps 8] [--secagg] [--deployment] [--skip-steps]
-    python bench/privacy.py --only-deployment [--deployment-sites 5 10]
+    python bench/privacy_speed.py [--threads 2] [--steps 8] [--secagg] [--deployment] [--skip-steps]
+    python bench/privacy_speed.py --only-deployment [--deployment-sites 5 10]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _round_seconds(
     command = [
         sys.executable,
         "-m",
-        "fedrad.cli",
+        "fedrad.commands.cli",
         "simulate",
         str(sites_dir),
         "--out",

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from fedrad.config import RUN_CONFIG_HELP, ConfigValue, RunConfig, field_to_key
-from fedrad.errors import FedradError
+from fedrad.core.config import RUN_CONFIG_HELP, ConfigValue, RunConfig, field_to_key
+from fedrad.core.errors import FedradError
 
 console = Console(stderr=True)
 out = Console()
@@ -106,7 +106,7 @@ def _preflight(config: RunConfig) -> list[Path]:
     """Check every site folder before starting the engine; return the site folders."""
     from client.dataset import IngestSettings, load_site
     from client.site import simulation_cache_root, transform_config
-    from fedrad.sites import list_site_dirs
+    from fedrad.core.sites import list_site_dirs
 
     sites_dir = Path(config.sites_dir)
     sites = list_site_dirs(sites_dir)
@@ -132,7 +132,7 @@ def _preflight(config: RunConfig) -> list[Path]:
 
 def simulate(config: RunConfig, *, client_cpus: float) -> Path:
     """Check the sites, run the simulation, return the run directory."""
-    from fedrad.simulate import run_simulation
+    from fedrad.commands.simulate import run_simulation
     from server.loop import model_spec
     from server.rundir import new_run_dir
 
@@ -167,7 +167,7 @@ def _print_run(run_dir: Path) -> dict[str, object]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedrad.simulate import fused_run_config
+    from fedrad.commands.simulate import fused_run_config
 
     overrides = _overrides(args)
     overrides["sites-dir"] = args.sites_dir
@@ -187,7 +187,7 @@ def _print_scores(title: str, scores: dict[str, float]) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedrad.evaluate import evaluate_run
+    from fedrad.commands.evaluate import evaluate_run
 
     scores = evaluate_run(Path(args.run_dir), Path(args.data_dir))
     _print_scores(f"{args.run_dir} on {args.data_dir}", scores)
@@ -198,8 +198,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedrad.evaluate import evaluate_run
-    from fedrad.simulate import fused_run_config
+    from fedrad.commands.evaluate import evaluate_run
+    from fedrad.commands.simulate import fused_run_config
     from fedrad.synth import SynthConfig, write_consortium
 
     base = Path(args.out_dir)
@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
     ev.set_defaults(handler=_cmd_evaluate)
 
-    from fedrad.npz_import import add_parser as add_import_npz
-    from fedrad.site_check import add_parser as add_site_check
+    from fedrad.commands.import_npz import add_parser as add_import_npz
+    from fedrad.commands.site_check import add_parser as add_site_check
 
     add_import_npz(sub)
     add_site_check(sub)

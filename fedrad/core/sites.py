@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fedrad.errors import DataError
+from fedrad.core.errors import DataError
 
 HOLDOUT = "holdout"
 
@@ -45,27 +45,3 @@ def list_site_dirs(sites_dir: Path) -> list[Path]:
             "labels.csv). Create one with 'fedrad synth' or 'fedrad import-npz'."
         )
     return sorted(sites, key=_natural_key)
-
-
-def default_demo_sites_dir() -> Path:
-    """Where ``flwr run .`` synthesizes its demo consortium when ``sites-dir`` is empty."""
-    return Path.home() / ".cache" / "fedrad" / "demo-sites"
-
-
-def ensure_demo_sites() -> Path:
-    """The demo consortium of a simulation without ``sites-dir``, written once under a lock.
-
-    Called by simulated sites only (a partition id means simulation): a deployed coordinator
-    never writes demo data.
-    """
-    import fcntl
-
-    from fedrad.synth import SynthConfig, write_consortium
-
-    sites_dir = default_demo_sites_dir()
-    sites_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(sites_dir.parent / "demo-sites.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not sites_dir.is_dir():
-            write_consortium(sites_dir, SynthConfig(sites=4, seed=0, holdout=0.2))
-    return sites_dir

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedrad.config import ConfigValue, RunConfig
+from fedrad.core.config import ConfigValue, RunConfig
 
 log = logging.getLogger(__name__)
 

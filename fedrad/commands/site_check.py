@@ -32,7 +32,7 @@ from client.scan import (
     ScanReport,
     scan_folder,
 )
-from fedrad.errors import DataError, FedradError
+from fedrad.core.errors import DataError, FedradError
 
 out = Console()
 err = Console(stderr=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrad import keys
+from fedrad.core import keys
 
 LOSS_SCALE = 1024
 """Fixed-point steps per unit of the evaluation loss sum."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from fedrad.errors import ConfigError
+from fedrad.core.errors import ConfigError
 
 SCHEMA_VERSION = 1
 """Version of the run-directory layout and of the resolved-configuration record."""
@@ -103,7 +103,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 RUN_CONFIG_HELP: dict[str, str] = {
-    "sites-dir": "folder of site folders (simulation); empty: a demo consortium is synthesized",
+    "sites-dir": "folder of site folders (simulation; e.g. written by fedrad synth)",
     "out-dir": "run directory to write; empty: a new folder under ./runs",
     "resume-from": "run directory whose latest checkpoint the run continues from",
     "seed": "seed of initial weights and local shuffling",
