@@ -40,7 +40,7 @@ def read_labels(site_dir: Path) -> list[LabelRow]:
     if not path.is_file():
         raise DataError(
             f"{path} not found: every site folder needs a labels.csv with columns "
-            "'id,label' (optional 'split'); see the README section 'Labels'."
+            "'id,label' (optional 'split'); see the README section 'Site data and labels.csv'."
         )
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)

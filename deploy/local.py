@@ -16,23 +16,21 @@ stops every process it started, by PID. Ports are picked free unless ``--port`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from fedrad.commands.processes import Launched, free_port, listening, start  # noqa: E402
 from fedrad.core.sites import list_site_dirs  # noqa: E402
 from privacy.certs import (  # noqa: E402
     CertificateAuthority,
@@ -46,59 +44,6 @@ log = logging.getLogger("fedrad.deploy.local")
 
 BIN = Path(sys.executable).parent
 CONNECTION = "fedrad-local"
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Live descendants of ``pid``: Flower starts some helpers in sessions of their own."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _signal_groups(pids: Sequence[int], sig: signal.Signals) -> None:
-    own = os.getpgrp()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            group = os.getpgid(pid)
-            if group == own:
-                os.kill(pid, sig)
-            else:
-                os.killpg(group, sig)
-
-
-@dataclass
-class Child:
-    """A started Flower command, in its own process group, logging to ``log``."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process tree, then SIGKILL whatever outlives ``grace`` seconds."""
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
-        _signal_groups(pids, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=grace)
-        _signal_groups(pids, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
 
 
 def superlink_command(
@@ -123,18 +68,6 @@ def superlink_command(
         str(database),
     ]
     return command + ([] if log_file is None else ["--log-file", str(log_file)])
-
-
-def start(name: str, args: list[str], *, env: dict[str, str], log_dir: Path) -> Child:
-    """Start ``args`` in a new session with output to ``log_dir/<name>.log``."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"{name}.log"
-    with path.open("ab") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    log.info("started %s (pid %d): %s", name, proc.pid, " ".join(args))
-    return Child(name, proc, path)
 
 
 def flwr_json(args: list[str], *, env: dict[str, str]) -> dict[str, object]:
@@ -182,7 +115,7 @@ def register(public_key: Path, *, env: dict[str, str]) -> None:
     log.info("registered %s: %s", public_key.name, answer.get("node-id", "already registered"))
 
 
-def wait_until(what: str, check: Callable[[], bool], *, timeout: float, link: Child) -> None:
+def wait_until(what: str, check: Callable[[], bool], *, timeout: float, link: Launched) -> None:
     """Poll ``check()`` every second; raise if the SuperLink dies or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -194,11 +127,6 @@ def wait_until(what: str, check: Callable[[], bool], *, timeout: float, link: Ch
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; see {link.log}")
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _online(env: dict[str, str], expected: int) -> bool:
     nodes = flwr_json(["supernode", "ls", CONNECTION], env=env).get("nodes")
     statuses = [n.get("status") for n in nodes] if isinstance(nodes, list) else []
@@ -208,7 +136,7 @@ def _online(env: dict[str, str], expected: int) -> bool:
 def launch(
     workdir: Path,
     site_dirs: Sequence[Path],
-    children: list[Child],
+    children: list[Launched],
     *,
     port: int,
     min_cell_count: int,
@@ -243,9 +171,10 @@ def launch(
         ),
         env=env,
         log_dir=logs,
+        append=True,
     )
     children.append(link)
-    wait_until("the SuperLink to listen", lambda: _listening(port), timeout=60, link=link)
+    wait_until("the SuperLink to listen", lambda: listening(port), timeout=60, link=link)
     for site, data_dir in zip(sites, site_dirs, strict=True):
         register(workdir / "certs" / f"{site}.pub", env=env)
         disk = workdir / "nodes" / site
@@ -271,6 +200,7 @@ def launch(
                 ],
                 env={**env, "FLWR_HOME": str(disk / "flwr-home")},
                 log_dir=logs,
+                append=True,
             )
         )
     wait_until(
@@ -327,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    children: list[Child] = []
+    children: list[Launched] = []
     try:
         launch(
             workdir,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,21 @@ settings.load_profile("fedrad")
 
 # Keep every test process to the CPUs CI gives it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Every test writes into temporary folders only: a default that falls back to the home folder
+# (a site's sample cache, its ledger, Flower's FLWR_HOME) lands in this session's own home.
+REAL_HOME = Path.home()
+TEST_HOME = Path(tempfile.mkdtemp(prefix="fedrad-test-home-"))
+os.environ["HOME"] = str(TEST_HOME)
+os.environ["FLWR_HOME"] = str(TEST_HOME / ".flwr")
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+for variable in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+    os.environ.pop(variable, None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's home folder (it is the tests' scratch space, nobody's data)."""
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

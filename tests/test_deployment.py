@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from safetensors.numpy import load_file
 
+from fedrad.commands.processes import Launched, alive, descendants, free_port, start
 from fedrad.synth import SynthConfig, write_consortium
 from privacy.certs import (
     CertificateAuthority,
@@ -64,80 +64,6 @@ def _deploy_script(name: str) -> Any:
     return module
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Flower detaches some children into new sessions)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _signal_tree(pids: list[int], sig: signal.Signals) -> None:
-    own_group = os.getpgrp()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            group = os.getpgid(pid)
-            if group != own_group:
-                os.killpg(group, sig)
-            else:
-                os.kill(pid, sig)
-
-
-@dataclass
-class Launched:
-    """One started command: its process (own process group) and its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, *, grace: float = 10.0) -> None:
-        """SIGTERM the process tree by PID, then SIGKILL what is left after ``grace`` seconds."""
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
-        _signal_tree(pids, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=grace)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
-            time.sleep(0.1)
-        _signal_tree([p for p in pids if _alive(p)], signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-
-    def kill(self) -> None:
-        """SIGKILL the whole tree at once, as a crashing host would."""
-        _signal_tree([self.proc.pid, *_descendants(self.proc.pid)], signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 @dataclass
 class Launcher:
     """Starts commands in their own process groups and stops all of them at teardown."""
@@ -148,18 +74,7 @@ class Launcher:
     def start(
         self, name: str, args: list[str], *, env: dict[str, str], cwd: Path | None = None
     ) -> Launched:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_dir / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        launched = Launched(name, proc, log)
+        launched = start(name, args, env=env, log_dir=self.log_dir, cwd=cwd)
         self.started.append(launched)
         return launched
 
@@ -516,8 +431,8 @@ def test_local_launcher_starts_a_federation_and_stops_every_process(tmp_path: Pa
         )
         assert script.proc.poll() is None, script.output()[-4000:]
         pids = json.loads((tmp_path / "work" / "pids.json").read_text())
-        tree = _descendants(script.proc.pid)
-        alive_before = all(_alive(pid) for pid in pids.values())
+        tree = descendants(script.proc.pid)
+        alive_before = all(alive(pid) for pid in pids.values())
         os.kill(script.proc.pid, signal.SIGTERM)
         code = script.proc.wait(timeout=60)
     finally:
@@ -527,7 +442,7 @@ def test_local_launcher_starts_a_federation_and_stops_every_process(tmp_path: Pa
     assert sorted(pids) == ["site-1", "site-2", "superlink"]
     assert alive_before
     assert code == 0, script.output()[-4000:]
-    assert not [pid for pid in tree if _alive(pid)], "the launcher left processes behind"
+    assert not [pid for pid in tree if alive(pid)], "the launcher left processes behind"
     assert "flwr run . fedrad-local" in script.output()
 
 

@@ -213,7 +213,12 @@ def test_no_marker_in_any_message_a_site_sends(canary_sites, task_identity, mess
         node_id=1,
         state=RecordDict(),
         run_config={},
-        node_config={"data-dir": str(sites / "site-1"), "min-cell-count": 1},
+        node_config={
+            "data-dir": str(sites / "site-1"),
+            "cache-dir": str(sites / "node-cache"),
+            "ledger-dir": str(sites / "node-ledger"),
+            "min-cell-count": 1,
+        },
     )
     handler = train if message_type == "train" else evaluate
 

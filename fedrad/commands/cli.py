@@ -7,19 +7,32 @@ Every ``simulate`` option maps one to one onto a run-config key (``--learning-ra
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from fedrad.core.config import RUN_CONFIG_HELP, ConfigValue, RunConfig, field_to_key
+from fedrad import __version__
+from fedrad.core.config import (
+    DP_MODES,
+    KINDS,
+    OPTIMIZER_NAMES,
+    RUN_CONFIG_HELP,
+    STRATEGY_NAMES,
+    ConfigValue,
+    RunConfig,
+    field_to_key,
+)
 from fedrad.core.errors import FedradError
 
 console = Console(stderr=True)
@@ -43,6 +56,41 @@ def _setup_logging(verbose: bool) -> None:
 
 OWN_PACKAGES = ("fedrad", "client", "server", "models", "privacy")
 _TYPES = {"int": str, "float": str, "str": str, "bool": str}  # RunConfig converts and explains
+CHOICES: dict[str, tuple[str, ...]] = {
+    "kind": KINDS,
+    "strategy": STRATEGY_NAMES,
+    "optimizer": OPTIMIZER_NAMES,
+    "dp": DP_MODES,
+    "dp-accountant": ("rdp", "prv"),
+    "secure-aggregation": ("true", "false"),
+}
+"""Run-config keys with a closed set of values: the usage line lists them (RunConfig checks
+them, with a did-you-mean hint)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser that suggests the option a mistyped one was meant to be."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.subcommands: dict[str, Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        """Add subcommands; their parsers are Parsers too, found again by name."""
+        action = super().add_subparsers(**kwargs)
+        self.subcommands = action.choices
+        return action
+
+    def suggest(self, unknown: Sequence[str]) -> str:
+        """Did-you-mean hints for unrecognized options, from the options this parser lists."""
+        known = sorted(set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", self.format_help())))
+        hints = []
+        for word in unknown:
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+        return " ".join(hints)
 
 
 def _add_run_config_options(parser: argparse.ArgumentParser, *, skip: Sequence[str]) -> None:
@@ -53,12 +101,13 @@ def _add_run_config_options(parser: argparse.ArgumentParser, *, skip: Sequence[s
         if key in skip:
             continue
         names = [f"--{key}"] + (["--out"] if key == "out-dir" else [])
+        choices = CHOICES.get(key)
         group.add_argument(
             *names,
             dest=f.name,
             type=_TYPES[str(f.type)],
             default=None,
-            metavar=key.upper().replace("-", "_"),
+            metavar="{" + ",".join(choices) + "}" if choices else key.upper().replace("-", "_"),
             help=f"{RUN_CONFIG_HELP[key]} (default: {defaults[key]!r})",
         )
 
@@ -177,7 +226,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
-def _print_scores(title: str, scores: dict[str, float]) -> None:
+def _print_scores(title: str, scores: dict[str, float | int]) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -227,12 +276,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedrad", description="Federated learning for medical imaging across hospitals."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower and Ray logs")
+    parser.add_argument("--version", action="version", version=f"fedrad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write a synthetic consortium of DICOM site folders")
@@ -302,9 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; an unknown option gets a did-you-mean hint from its subcommand."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        target = parser
+        for dest in ("command", "site_command"):  # down to the innermost subcommand given
+            name = getattr(args, dest, None)
+            if isinstance(name, str) and name in target.subcommands:
+                target = target.subcommands[name]
+        hint = target.suggest(unknown)
+        target.error(
+            f"unrecognized arguments: {' '.join(unknown)}" + (f" ({hint})" if hint else "")
+        )
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedrad`` command."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _setup_logging(args.verbose)
     try:
         return int(args.handler(args))

@@ -33,7 +33,7 @@ def binary_scores(scores: np.ndarray, labels: np.ndarray, threshold: float) -> d
     }
 
 
-def evaluate_run(run_dir: Path, data_dir: Path) -> dict[str, float]:
+def evaluate_run(run_dir: Path, data_dir: Path) -> dict[str, float | int]:
     """Score the run's latest global model on ``data_dir`` (every labelled sample)."""
     run = RunDir(run_dir)
     config = RunConfig.from_user_config(read_json(run_dir / RUN_FILE)["config"], strict=False)
@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path, data_dir: Path) -> dict[str, float]:
     load_state(model, arrays)
     dataset = load_site(data_dir, transform_config(config), num_classes=config.num_classes)
     scores, labels = predict(model, dataset)
-    result: dict[str, float] = {"num-examples": float(len(labels)), "round": float(meta["round"])}
+    result: dict[str, float | int] = {"num-examples": len(labels), "round": int(meta["round"])}
     if config.num_classes == 2:
         threshold = float(run.read_summary().get("operating-threshold", 0.5))
         positive = (labels == config.positive_label).astype(np.int64)

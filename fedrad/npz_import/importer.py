@@ -15,10 +15,10 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from fedrad.core.errors import ConfigError, DataError
+from fedrad.core.sites import HOLDOUT
 from fedrad.npz_import.archive import Archive, Split, load_archive
 from fedrad.npz_import.dicom import IMPORT_MARKER, MODALITIES, FolderPlan, write_folder
 from fedrad.npz_import.partition import assign_val, partition
-from fedrad.core.sites import HOLDOUT
 
 logger = logging.getLogger(__name__)
 

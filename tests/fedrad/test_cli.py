@@ -71,3 +71,50 @@ def test_site_with_no_usable_samples_is_refused_before_training(sites_2d, tmp_pa
     err = capsys.readouterr().err
     assert code == 2
     assert "site-2" in err and "no usable samples" in err
+
+
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fedrad ") and out.split()[1][0].isdigit()
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["simulate", "x", "--num-rounds", "3"], "did you mean --num-server-rounds?"),
+        (["site", "check", "x", "--jsn", "f"], "did you mean --json?"),
+    ],
+)
+def test_mistyped_option_gets_a_suggestion(argv, suggestion, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+
+    assert info.value.code == 2
+    assert suggestion in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "choices"),
+    [
+        ("--strategy", "{fedavg,fedprox,fedadam,fedmedian,fedtrimmedavg,krum}"),
+        ("--dp", "{off,sample,client}"),
+        ("--kind", "{2d,3d}"),
+    ],
+)
+def test_usage_lists_the_choices(option, choices):
+    usage = build_parser().subcommands["simulate"].format_usage()
+
+    assert f"[{option} {choices}]" in " ".join(usage.split())
+
+
+def test_counts_print_as_integers(capsys):
+    from fedrad.commands.cli import _print_scores
+
+    _print_scores("t", {"num-examples": 195, "round": 12, "auc": 0.98765})
+
+    out = capsys.readouterr().out
+    assert "195" in out and "195.0" not in out and "0.9877" in out

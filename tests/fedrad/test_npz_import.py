@@ -11,8 +11,8 @@ import pytest
 
 from client.dataset import load_site
 from client.transforms import TransformConfig
-from fedrad.core.errors import ConfigError, DataError
 from fedrad.commands.import_npz import add_parser
+from fedrad.core.errors import ConfigError, DataError
 from fedrad.npz_import import MANIFEST_FILE, ImportSummary, import_npz
 from fedrad.npz_import.archive import detect_kind
 
