@@ -61,7 +61,7 @@ def _channels_first(values: np.ndarray, config: TransformConfig) -> np.ndarray:
     if channels == config.in_channels:
         return values
     if config.in_channels == 1:
-        return values.mean(axis=1, keepdims=True)
+        return np.asarray(values.mean(axis=1, keepdims=True))
     return np.repeat(values[:, :1], config.in_channels, axis=1)
 
 
@@ -85,7 +85,7 @@ def _percentile_window(image: np.ndarray) -> np.ndarray:
     shape = (-1,) + (1,) * (image.ndim - 1)
     out = np.subtract(image, low.reshape(shape), dtype=np.float32)
     out /= scale.reshape(shape)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return np.asarray(np.clip(out, 0.0, 1.0, out=out))
 
 
 def _intensity(image: np.ndarray, modality: str) -> np.ndarray:

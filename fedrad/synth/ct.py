@@ -54,7 +54,7 @@ def _vessels(
     radius = blurred
     across_x = np.exp(-(((axis - x0 - dx * t) / radius) ** 2))  # (n, K, D, W)
     across_y = peak * np.exp(-(((axis - y0 - dy * t) / radius) ** 2))  # (n, K, D, H)
-    return np.einsum("nkdh,nkdw->ndhw", across_y, across_x)
+    return np.asarray(np.einsum("nkdh,nkdw->ndhw", across_y, across_x))
 
 
 def _nodules(
@@ -78,7 +78,7 @@ def _nodules(
     radius = _column(rng, n, *NODULE_RADIUS)
     radius_z = radius * (site.size * site.pixel_spacing / 2) / site.slice_thickness
     rho = np.sqrt(((u - cx) ** 2 + (v - cy) ** 2) / radius**2 + ((z - cz) / radius_z) ** 2)
-    return contrast[:, None, None, None] * sigmoid((1.0 - rho) / 0.15)
+    return np.asarray(contrast[:, None, None, None] * sigmoid((1.0 - rho) / 0.15))
 
 
 def render_ct(

@@ -39,7 +39,7 @@ def is_synth_folder(folder: Path) -> bool:
         ds = dcmread(sample, stop_before_pixels=True, specific_tags=["DeidentificationMethod"])
     except (InvalidDicomError, OSError):
         return False
-    return ds.get("DeidentificationMethod") == SYNTH_MARKER
+    return bool(ds.get("DeidentificationMethod") == SYNTH_MARKER)
 
 
 def prepare_out_dir(out_dir: Path, names: Sequence[str], *, overwrite: bool) -> None:

@@ -55,7 +55,7 @@ def _basis(size: int, n_ctrl: int) -> np.ndarray:
     weights = np.exp(-0.5 * ((x - centres) / width) ** 2)
     basis = weights / weights.sum(axis=1, keepdims=True)
     basis.flags.writeable = False
-    return basis
+    return np.asarray(basis)
 
 
 def smooth_field(
@@ -72,7 +72,8 @@ def smooth_field(
         field = np.moveaxis(
             np.tensordot(field, _basis(size, k), axes=([axis + 1], [1])), -1, axis + 1
         )
-    return field / field.std(axis=tuple(range(1, field.ndim)), keepdims=True).clip(1e-6)
+    spread = field.std(axis=tuple(range(1, field.ndim)), keepdims=True).clip(1e-6)
+    return np.asarray(field / spread)
 
 
 @lru_cache(maxsize=64)

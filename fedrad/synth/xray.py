@@ -84,7 +84,7 @@ def _lesions(
     radius = rng.uniform(*LESION_RADIUS, (n, 1, 1))
     axes = (radius, radius * rng.uniform(0.7, 1.0, (n, 1, 1)))
     shape = soft_ellipse(u, v, centre, axes, edge=0.15, angle=rng.uniform(0, np.pi, (n, 1, 1)))
-    return contrast[:, None, None] * shape
+    return np.asarray(contrast[:, None, None] * shape)
 
 
 def draw_contrast(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -106,4 +106,4 @@ def render_xrays(rng: np.random.Generator, site: SiteProfile, contrast: np.ndarr
     image = blur(image, (site.blur, site.blur))
     image = site.gain * np.clip(image, 0.0, 1.0) ** site.gamma + site.offset
     image += rng.normal(0.0, site.noise, image.shape)
-    return np.clip(np.rint(image * MAX_STORED), 0, MAX_STORED).astype("<u2")
+    return np.asarray(np.clip(np.rint(image * MAX_STORED), 0, MAX_STORED), dtype="<u2")
