@@ -4,6 +4,13 @@ Patient attributes leave a site only as counts per subgroup, over a closed vocab
 decade age band, a normalised scanner vendor, modality), and only for cells of at least the
 site's ``min-cell-count`` patients. The vocabulary is closed so that a free-text header (a
 manufacturer field holding a name, say) can never become a key that leaves the site.
+
+Suppression is complementary: every attribute's cells add up to the number of samples, which
+any fully published attribute (or the example count) gives away, so a lone suppressed cell
+could be recovered by subtraction (12 M and 12 F of 25 leave 1). Within each attribute the
+cells left out therefore always add up to 0 or to at least ``min-cell-count``, and hold at
+least two non-empty cells whenever one of them is small; the smallest published cells are
+suppressed as well until that holds.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-SUBGROUP_ATTRIBUTES = ("sex", "age-band", "manufacturer", "modality")
 SEXES = ("M", "F", "unknown")
 AGE_BANDS = tuple(f"{d}-{d + 9}" for d in range(0, 90, 10)) + ("90+", "unknown")
 VENDORS = (
@@ -70,12 +76,34 @@ def cell_key(attribute: str, value: str) -> str:
 def subgroup_counts(
     attributes: Iterable[Mapping[str, str]], *, min_cell_count: int
 ) -> dict[str, int]:
-    """Counts per subgroup cell, with every cell below ``min_cell_count`` left out."""
-    counts: Counter[str] = Counter()
+    """Counts per subgroup cell, small cells and their complements left out.
+
+    A cell below ``min_cell_count`` is left out (primary suppression), and so are the smallest
+    other cells of the same attribute until what is left out adds up to at least
+    ``min_cell_count`` over at least two non-empty cells (complementary suppression): no
+    suppressed count can be derived from the published ones and the total.
+    """
+    per_attribute: dict[str, Counter[str]] = {attribute: Counter() for attribute in VOCABULARY}
     for sample in attributes:
         for attribute, value in coarsen(sample).items():
-            counts[cell_key(attribute, value)] += 1
-    return {key: n for key, n in sorted(counts.items()) if n >= min_cell_count}
+            per_attribute[attribute][value] += 1
+    published: dict[str, int] = {}
+    for attribute, counts in per_attribute.items():
+        kept = _complementary_suppression(counts, min_cell_count=min_cell_count)
+        published.update({cell_key(attribute, value): counts[value] for value in kept})
+    return dict(sorted(published.items()))
+
+
+def _complementary_suppression(counts: Counter[str], *, min_cell_count: int) -> list[str]:
+    """The values of one attribute whose counts may be published."""
+    kept = sorted((v for v, n in counts.items() if n >= min_cell_count), key=lambda v: counts[v])
+    suppressed = [n for n in counts.values() if 0 < n < min_cell_count]
+    if not suppressed:
+        return kept
+    # smallest published cells first: the least information given up to protect the others
+    while kept and (len(suppressed) < 2 or sum(suppressed) < min_cell_count):
+        suppressed.append(counts[kept.pop(0)])
+    return kept
 
 
 def is_allowed_cell(key: str, count: object, *, min_cell_count: int) -> bool:

@@ -1,3 +1,5 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -32,18 +34,85 @@ def test_coarsened_values_are_always_in_the_vocabulary(attributes):
     assert all(coarse[a] in VOCABULARY[a] for a in VOCABULARY)
 
 
-def test_small_cells_are_suppressed():
+def test_small_cells_are_suppressed_with_their_complements():
     samples = [{"sex": "F", "age-band": "40-49", "manufacturer": "Philips", "modality": "CT"}] * 12
     samples += [{"sex": "M", "age-band": "90+", "manufacturer": "Philips", "modality": "CT"}] * 3
 
     counts = subgroup_counts(samples, min_cell_count=10)
 
-    assert counts == {
-        "sex=F": 12,
-        "age-band=40-49": 12,
-        "manufacturer=philips": 15,
-        "modality=CT": 15,
+    # sex=F 12 alone would give sex=M = 15 - 12 = 3 away (15 from manufacturer=philips)
+    assert counts == {"manufacturer=philips": 15, "modality=CT": 15}
+
+
+def _plain_suppression(samples, *, min_cell_count):
+    """A deliberately weakened site: small cells left out, nothing else."""
+    counts = Counter()
+    for sample in samples:
+        for attribute, value in coarsen(sample).items():
+            counts[f"{attribute}={value}"] += 1
+    return {k: n for k, n in counts.items() if n >= min_cell_count}
+
+
+def _recovered_by_subtraction(published, total, *, min_cell_count):
+    """What a coordinator derives: per attribute, the total minus the published cells."""
+    derived = {}
+    for attribute in VOCABULARY:
+        cells = {k: n for k, n in published.items() if k.startswith(attribute + "=")}
+        residual = total - sum(cells.values())
+        if cells and 0 < residual < min_cell_count:
+            derived[attribute] = residual
+    return derived
+
+
+SUBTRACTION_CASE = (
+    [{"sex": "M", "age-band": "40-49", "manufacturer": "GE", "modality": "DX"}] * 12
+    + [{"sex": "F", "age-band": "40-49", "manufacturer": "GE", "modality": "DX"}] * 12
+    + [{"sex": "unknown", "age-band": "50-59", "manufacturer": "GE", "modality": "DX"}]
+)
+
+
+def test_subtraction_recovers_a_cell_from_a_weakened_site():
+    published = _plain_suppression(SUBTRACTION_CASE, min_cell_count=10)
+
+    # 12 M + 12 F of 25: the suppressed cell is 1 (the attack the issue describes)
+    assert _recovered_by_subtraction(published, 25, min_cell_count=10) == {
+        "sex": 1,
+        "age-band": 1,
     }
+
+
+def test_subtraction_recovers_nothing_from_a_real_site():
+    published = subgroup_counts(SUBTRACTION_CASE, min_cell_count=10)
+
+    assert _recovered_by_subtraction(published, 25, min_cell_count=10) == {}
+    assert published["manufacturer=ge"] == 25  # cells that need no protection still go out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "sex": st.sampled_from(["M", "F", "unknown"]),
+                "age-band": st.sampled_from(["30-39", "40-49", "90+"]),
+                "manufacturer": st.sampled_from(["GE", "Siemens", "Philips", "x"]),
+                "modality": st.sampled_from(["CT", "DX"]),
+            }
+        ),
+        max_size=80,
+    ),
+    st.integers(min_value=1, max_value=15),
+)
+def test_no_suppressed_count_is_derivable(samples, min_cell_count):
+    published = subgroup_counts(samples, min_cell_count=min_cell_count)
+
+    assert all(n >= min_cell_count for n in published.values())
+    assert _recovered_by_subtraction(published, len(samples), min_cell_count=min_cell_count) == {}
+    for attribute in VOCABULARY:  # a lone left-out cell is never the whole residual
+        counts = Counter(coarsen(s)[attribute] for s in samples)
+        left_out = [n for v, n in counts.items() if f"{attribute}={v}" not in published]
+        small = [n for n in left_out if n < min_cell_count]
+        assert not small or len(left_out) >= 2 or len(left_out) == len(counts)
 
 
 def _reply(**records):
