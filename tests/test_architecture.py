@@ -24,15 +24,18 @@ LAYERS: dict[str, int] = {
     "client": 2,
     "server": 2,
     "fedrad.commands": 3,
-    "fedrad": 4,  # the package root: a docstring and the version only
+    "fedrad": 0,  # the package root alone (not its subpackages): a docstring and the version
 }
+ROOT_PACKAGE = "fedrad"
 
 
 def _part(module: str) -> str:
+    if module == ROOT_PACKAGE:
+        return ROOT_PACKAGE
     best = ""
     for prefix in LAYERS:
-        if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > len(best):
-            best = prefix
+        if prefix != ROOT_PACKAGE and (module == prefix or module.startswith(prefix + ".")):
+            best = prefix if len(prefix) > len(best) else best
     return best
 
 
@@ -134,6 +137,11 @@ def test_module_level_imports_have_no_cycle() -> None:
     for start in sorted(graph):
         if start not in state and (cycle := visit(start)):
             pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_package_root_imports_nothing_of_its_own() -> None:
+    assert EDGES["fedrad"] == []
+    assert _part("fedrad.newthing") == ""  # a new subpackage must be given its layer
 
 
 def test_checks_catch_an_upward_import(tmp_path: Path) -> None:
