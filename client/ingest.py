@@ -22,21 +22,11 @@ from typing import cast
 import numpy as np
 import torch
 
-from client.dicom import (
-    DECODE_CAP_FACTOR,
-    DicomRejected,
-    check_geometry,
-    check_object,
-    decode_pixels,
-    header_attributes,
-    modality_values,
-    parse_dicom,
-    read_capped,
-)
+from client.dicom import DicomRejected
 from client.nifti import SUFFIXES as NIFTI_SUFFIXES
 from client.nifti import read_nifti
-from client.scan import AcceptedFile, QuarantinedFile, _lost, _quiet_worker
-from client.scan_worker import run_in_workers
+from client.scan import AcceptedFile, QuarantinedFile, accept_dicom, quarantine_lost
+from client.scan_worker import LostKind, quiet_worker, run_in_workers
 from client.transforms import TransformConfig, preprocess, preprocess_batch
 
 Verdict = AcceptedFile | QuarantinedFile
@@ -107,34 +97,15 @@ def _nifti(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.nda
     ), volume.values
 
 
-def _accept(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.ndarray]:
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
-        return _nifti(path, label, max_bytes)
-    data, info = read_capped(path, max_bytes=max_bytes)
-    ds = parse_dicom(data, path)
-    check_object(ds, path)
-    geometry = check_geometry(ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * max_bytes)
-    values = modality_values(decode_pixels(ds, geometry, path), ds, path)
-    verdict = AcceptedFile(
-        path=label,
-        sha256=hashlib.sha256(data).hexdigest(),
-        size=info.st_size,
-        mtime_ns=info.st_mtime_ns,
-        rows=geometry.rows,
-        columns=geometry.columns,
-        frames=geometry.frames,
-        samples_per_pixel=geometry.samples_per_pixel,
-        transfer_syntax=str(geometry.transfer_syntax),
-        **header_attributes(ds),  # type: ignore[arg-type]
-    )
-    return verdict, values
-
-
 def decode_file(max_bytes: int, relative: str) -> Ingested:
     """Worker task (cwd = site folder): check and decode one file into modality values."""
     path = Path(relative)
+    values: np.ndarray | None
     try:
-        verdict, values = _accept(path, relative, max_bytes)
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            verdict, values = _nifti(path, relative, max_bytes)
+        else:
+            verdict, values = accept_dicom(path, relative, max_bytes=max_bytes, decode="values")
         return Ingested(verdict, values=values)
     except DicomRejected as exc:
         return Ingested(QuarantinedFile(relative, exc.code, exc.reason))
@@ -208,22 +179,14 @@ def _preprocess_one(transform: TransformConfig, result: Ingested) -> Ingested:
     return Ingested(verdict, image=image.numpy())
 
 
-def ingest_file(transform: TransformConfig | None, max_bytes: int, relative: str) -> Ingested:
-    """Check, decode and, for 2D, preprocess one file (what a worker does for a chunk)."""
-    result = decode_file(max_bytes, relative)
-    if transform is not None and transform.kind == "2d":
-        return preprocess_chunk(transform, [result])[0]
-    return result
-
-
 def _worker_init() -> None:
     """Quiet, single-threaded workers: parallelism comes from the worker count."""
-    _quiet_worker()
+    quiet_worker()
     torch.set_num_threads(1)
 
 
-def _lost_ingest(relative: str, kind: str, detail: str) -> Ingested:
-    return Ingested(_lost(relative, kind, detail))
+def _lost_ingest(relative: str, kind: LostKind, detail: str) -> Ingested:
+    return Ingested(quarantine_lost(relative, kind, detail))
 
 
 def ingest_files(
@@ -235,9 +198,11 @@ def ingest_files(
     timeout_s: float,
     max_bytes: int,
 ) -> dict[str, Ingested]:
-    """Run :func:`ingest_file` over files of a site, in ``workers`` killable processes.
+    """Check and decode files of a site, in ``workers`` killable processes (cwd: the site).
 
-    Workers decode file by file and, for 2D, preprocess each chunk's images in batches.
+    Workers decode file by file (:func:`decode_file`) and, for 2D, preprocess each chunk's
+    images in batches (:func:`preprocess_chunk`), into :class:`SharedImages` where workers
+    are forked. Returns each relative path's :class:`Ingested`.
     """
     if not relatives:
         return {}

@@ -92,9 +92,12 @@ def read_nifti(path: Path, *, max_bytes: int) -> NiftiVolume:
         raise DicomRejected(
             path, "voxel data holds non-finite values (NaN or infinity)", code="undecodable"
         )
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(data.reshape(_as_3d(shape)), affine))
+    # nibabel's functions carry no type hints: each call says so to mypy
+    volume = nib.Nifti1Image(data.reshape(_as_3d(shape)), affine)  # type: ignore[no-untyped-call]
+    canonical = nib.as_closest_canonical(volume)  # type: ignore[no-untyped-call]
     ras = np.asarray(canonical.dataobj, dtype=np.float32)
-    zooms = tuple(float(z) for z in nib.affines.voxel_sizes(canonical.affine))
+    voxel_sizes = nib.affines.voxel_sizes(canonical.affine)  # type: ignore[no-untyped-call]
+    zooms = tuple(float(z) for z in voxel_sizes)
     values, spacing = (
         _dicom_layout(ras, zooms)
         if len(shape) == 3 and 1 not in shape
@@ -125,7 +128,7 @@ def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _check_size(path: Path, image: nib.Nifti1Image, shape: tuple[int, ...], limit: int) -> None:
-    dtype = image.header.get_data_dtype()
+    dtype = image.header.get_data_dtype()  # type: ignore[no-untyped-call]
     if (
         dtype.fields is not None
         or not np.issubdtype(dtype, np.number)

@@ -13,30 +13,28 @@ non-images: they are label maps, not images to learn from.
 
 from __future__ import annotations
 
-import faulthandler
 import hashlib
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from client.dicom import (
-    DECODE_CAP_FACTOR,
     REASON_HELP,
+    CheckedDicom,
     DicomRejected,
-    check_geometry,
-    check_object,
     decode_pixels,
     header_attributes,
-    parse_dicom,
-    read_capped,
+    modality_values,
+    read_checked,
 )
 from client.labels import LABELS_FILE
-from client.scan_worker import run_in_workers
+from client.scan_worker import LostKind, quiet_worker, run_in_workers
 from fedrad.core.errors import ConfigError, DataError
 
 __all__ = [
@@ -45,8 +43,10 @@ __all__ = [
     "AcceptedFile",
     "QuarantinedFile",
     "ScanReport",
+    "accept_dicom",
     "check_file",
     "list_site_files",
+    "quarantine_lost",
     "scan_folder",
 ]
 
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_REASONS: tuple[str, ...] = tuple(REASON_HELP)
 """The stable reason codes of a quarantined file; :data:`REASON_HELP` explains each."""
-_LOST_REASONS = {"timeout": "decode-timeout", "crash": "worker-crashed"}
+_LOST_REASONS: dict[LostKind, str] = {"timeout": "decode-timeout", "crash": "worker-crashed"}
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
@@ -125,6 +125,65 @@ class ScanReport:
         }
 
 
+Decode = Literal["none", "pixels", "values"]
+"""How far :func:`accept_dicom` decodes: not at all, to pixels, or to modality values."""
+
+
+def accept_dicom(
+    path: Path, label: str, *, max_bytes: int, decode: Decode
+) -> tuple[AcceptedFile, np.ndarray | None]:
+    """Read, parse, check and decode one DICOM file into its accepted record.
+
+    The one way a DICOM file is accepted, by the site scan (:func:`check_file`) and by the
+    ingest pass (``client.ingest``) alike.
+
+    Parameters
+    ----------
+    path
+        The file; read once, refused unread when over ``max_bytes``.
+    label
+        The record's ``path`` (POSIX, as reports show it).
+    max_bytes
+        Size cap of the file; decoded pixels may take 16 times as much.
+    decode
+        ``"none"``: check the pixel data length only; ``"pixels"``: decode and check the
+        pixels; ``"values"``: also apply the modality LUT (see ``client.dicom.modality_values``).
+
+    Returns
+    -------
+    tuple of AcceptedFile and numpy.ndarray or None
+        The record, and the decoded pixels or modality values (None for ``"none"``).
+
+    Raises
+    ------
+    DicomRejected
+        When the file fails a check; its ``code`` is one of :data:`QUARANTINE_REASONS`.
+    """
+    checked = read_checked(path, max_bytes=max_bytes)
+    pixels = None
+    if decode != "none":
+        pixels = decode_pixels(checked.dataset, checked.geometry, path)
+        if decode == "values":
+            pixels = modality_values(pixels, checked.dataset, path)
+    return _accepted(checked, label), pixels
+
+
+def _accepted(checked: CheckedDicom, label: str) -> AcceptedFile:
+    geometry, info = checked.geometry, checked.info
+    return AcceptedFile(
+        path=label,
+        sha256=hashlib.sha256(checked.data).hexdigest(),
+        size=info.st_size,
+        mtime_ns=info.st_mtime_ns,
+        rows=geometry.rows,
+        columns=geometry.columns,
+        frames=geometry.frames,
+        samples_per_pixel=geometry.samples_per_pixel,
+        transfer_syntax=str(geometry.transfer_syntax),
+        **header_attributes(checked.dataset),  # type: ignore[arg-type]
+    )
+
+
 def check_file(path: Path, *, max_bytes: int, decode: bool = True) -> CheckResult:
     """Check one file and say whether it can be used; never raises.
 
@@ -133,7 +192,9 @@ def check_file(path: Path, *, max_bytes: int, decode: bool = True) -> CheckResul
     """
     label = path.as_posix()
     try:
-        return _inspect(path, label, max_bytes=max_bytes, decode=decode)
+        return accept_dicom(
+            path, label, max_bytes=max_bytes, decode="pixels" if decode else "none"
+        )[0]
     except DicomRejected as exc:
         return QuarantinedFile(label, exc.code, exc.reason)
     except MemoryError:
@@ -141,28 +202,6 @@ def check_file(path: Path, *, max_bytes: int, decode: bool = True) -> CheckResul
     except Exception as exc:  # noqa: BLE001 - a file must never stop a scan
         log.debug("unexpected failure on %s", label, exc_info=True)
         return QuarantinedFile(label, "malformed", f"unexpected {exc.__class__.__name__}: {exc}")
-
-
-def _inspect(path: Path, label: str, *, max_bytes: int, decode: bool) -> AcceptedFile:
-    data, info = read_capped(path, max_bytes=max_bytes)
-    digest = hashlib.sha256(data).hexdigest()
-    ds = parse_dicom(data, path)
-    check_object(ds, path)
-    geometry = check_geometry(ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * max_bytes)
-    if decode:
-        decode_pixels(ds, geometry, path)
-    return AcceptedFile(
-        path=label,
-        sha256=digest,
-        size=info.st_size,
-        mtime_ns=info.st_mtime_ns,
-        rows=geometry.rows,
-        columns=geometry.columns,
-        frames=geometry.frames,
-        samples_per_pixel=geometry.samples_per_pixel,
-        transfer_syntax=str(geometry.transfer_syntax),
-        **header_attributes(ds),  # type: ignore[arg-type]
-    )
 
 
 def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) -> list[str]:
@@ -195,13 +234,6 @@ def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) 
     return sorted(found)
 
 
-def _quiet_worker() -> None:
-    """Keep per-file warnings and crash dumps out of the worker's output (the report says why)."""
-    warnings.simplefilter("ignore")
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    faulthandler.disable()  # a decoder crash is reported as worker-crashed, not as a dump
-
-
 def _check_relative(
     check: Callable[..., CheckResult], max_bytes: int, relative: str
 ) -> CheckResult:
@@ -210,7 +242,8 @@ def _check_relative(
     return result if result.path == relative else replace(result, path=relative)
 
 
-def _lost(relative: str, kind: str, detail: str) -> CheckResult:
+def quarantine_lost(relative: str, kind: LostKind, detail: str) -> QuarantinedFile:
+    """The verdict on a file whose worker timed out or died on it (``on_lost`` of a run)."""
     return QuarantinedFile(relative, _LOST_REASONS[kind], detail)
 
 
@@ -256,8 +289,8 @@ def scan_folder(
         cwd=site_dir.resolve(),
         workers=workers,
         timeout_s=timeout_s,
-        on_lost=_lost,
-        initializer=_quiet_worker,
+        on_lost=quarantine_lost,
+        initializer=quiet_worker,
         on_progress=on_progress,
     )
     report = _report(site_dir, results)

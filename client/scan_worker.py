@@ -18,25 +18,27 @@ task must then be picklable.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import multiprocessing as mp
 import os
 import signal
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-LOST_KINDS = ("timeout", "crash")
-"""How a path can be lost: its task ran past the timeout, or its worker died."""
+LostKind = Literal["timeout", "crash"]
+"""How a path can be lost: its task ran past the timeout, or its worker died (or it raised)."""
 MAX_CHUNK = 128
 MAX_CHUNK_CHARS = 16_000  # far below a pipe's 64 KiB buffer
 IN_FLIGHT = 2  # chunks sent to a worker ahead of its results: it never waits for the parent
@@ -48,6 +50,16 @@ class _Failure:
     """Stands in a chunk's results for a task that raised (a bug: tasks should not raise)."""
 
     message: str
+
+
+def quiet_worker() -> None:
+    """Keep per-file warnings and crash dumps out of a worker's output (its results say why).
+
+    An ``initializer`` for :func:`run_in_workers` whose tasks read DICOM files.
+    """
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    faulthandler.disable()  # a decoder crash is reported as worker-crashed, not as a dump
 
 
 Finish = Callable[[list[Any], Callable[[int], None]], list[Any]]
@@ -251,7 +263,7 @@ def run_in_workers(
     cwd: Path,
     workers: int,
     timeout_s: float,
-    on_lost: Callable[[str, str, str], R],
+    on_lost: Callable[[str, LostKind, str], R],
     initializer: Callable[[], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     finish: Finish | None = None,
@@ -260,7 +272,7 @@ def run_in_workers(
 
     ``task`` runs with ``cwd`` as working directory. An item whose task runs past
     ``timeout_s`` (its worker is killed), or whose worker dies, or whose task raises,
-    gets ``on_lost(item, kind, detail)`` with ``kind`` one of :data:`LOST_KINDS`.
+    gets ``on_lost(item, kind, detail)`` with ``kind`` a :data:`LostKind`.
     ``on_progress(done, total)`` is called as results arrive. ``finish`` (see :data:`Finish`)
     runs in the worker on each chunk's results; a path it runs past the timeout on is lost
     like one whose task did.
@@ -270,7 +282,7 @@ def run_in_workers(
     pool: _Pool[R] = _Pool(task, cwd, initializer, finish)
     poll_s = max(0.01, min(0.5, timeout_s / 10))
 
-    def lose(index: int, kind: str, detail: str) -> None:
+    def lose(index: int, kind: LostKind, detail: str) -> None:
         log.warning("%s: %s", items[index], detail)
         results[index] = on_lost(items[index], kind, detail)
 
@@ -307,7 +319,7 @@ def _collect(
     worker: _Worker,
     queue: deque[int],
     results: dict[int, R],
-    lose: Callable[[int, str, str], None],
+    lose: Callable[[int, LostKind, str], None],
 ) -> None:
     """Take a worker's chunk results, or handle its death."""
     try:
@@ -331,7 +343,7 @@ def _stop_if_overdue(
     worker: _Worker,
     queue: deque[int],
     timeout_s: float,
-    lose: Callable[[int, str, str], None],
+    lose: Callable[[int, LostKind, str], None],
 ) -> None:
     """Kill a worker whose current path has run past the timeout; lose that path only."""
     current = _in_progress(worker)

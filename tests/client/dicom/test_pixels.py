@@ -1,4 +1,4 @@
-"""The fast paths of client.dicom (native grey-scale decode, rescale) equal plain pydicom."""
+"""The fast paths of client.dicom.pixels (native grey-scale decode, rescale) equal plain pydicom."""
 
 import logging
 import warnings
