@@ -9,7 +9,7 @@ import pytest
 from helpers import fedrad_command, run_command
 from safetensors.numpy import load_file
 
-from server.loop import sha256_arrays
+from server.digest import sha256_arrays
 
 pytestmark = pytest.mark.timeout(400)
 
