@@ -237,7 +237,9 @@ def _unmask(msg: Message, context: Context) -> RecordDict:
 def _fields(msg: Message) -> dict[str, object]:
     record = msg.content.get(keys.SECAGG)
     if not isinstance(record, ConfigRecord):
-        raise ProtocolError(f"A secure-aggregation message must carry a ConfigRecord '{keys.SECAGG}'.")
+        raise ProtocolError(
+            f"A secure-aggregation message must carry a ConfigRecord '{keys.SECAGG}'."
+        )
     return dict(record)
 
 
@@ -253,9 +255,7 @@ def _reply(fields: dict[str, FieldValue]) -> RecordDict:
 
 
 def _save(context: Context, session: ClientSession, weight: int) -> None:
-    context.state[SESSION_STATE] = ConfigRecord(
-        {_SESSION: session.snapshot(), _WEIGHT: weight}
-    )
+    context.state[SESSION_STATE] = ConfigRecord({_SESSION: session.snapshot(), _WEIGHT: weight})
 
 
 def _load(context: Context) -> tuple[ClientSession, int]:

@@ -1,6 +1,5 @@
 """Send messages over a Flower Grid, wait for the replies, and sort them by site.
 
-
 ``Grid.send_and_receive`` in flwr 1.42 pulls replies every 0.1 s on the simulation engine and
 every 3 s on the deployment engine. A secure-aggregation round makes four exchanges, three of
 them light (keys, shares, unmasking), so that wait dominated a round. This does the same

@@ -150,7 +150,7 @@ class RunDir:
         write_json(self.path / RUN_FILE, record)
 
     def record_sites(self, sites: list[str]) -> None:
-        """Set the run record's ``sites``: those that took part so far, as the coordinator names them.
+        """Set the run record's ``sites``: the sites that took part so far.
 
         The coordinator learns who takes part from the replies, after the run record is first
         written: site names in the clear, ``node-<id>`` under secure aggregation.

@@ -350,7 +350,7 @@ def _record(fields: dict[str, FieldValue]) -> RecordDict:
 
 
 def _add(array: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
-    total = np.asarray(array, dtype=np.float64) + mean_update
+    total: np.ndarray = np.asarray(array, dtype=np.float64) + mean_update
     if np.issubdtype(array.dtype, np.integer):
         total = np.rint(total)
     return total.astype(array.dtype)
