@@ -13,7 +13,7 @@ from client.disclosure import is_allowed_cell
 from fedrad.core import keys
 from fedrad.core.errors import FedradError
 from privacy.secagg import ProtocolError
-from privacy.secagg.state import check_reply_fields
+from privacy.secagg.allowlist import check_reply_fields
 
 
 class ReplyNotAllowed(FedradError):

@@ -15,7 +15,7 @@ The site masks its update *delta* (trained minus global weights), not its weight
 small (a few learning-rate steps), so a small clipping range holds it and the quantisation
 error, proportional to the range, stays small; weights would need a range as large as the
 largest weight. One extra entry carries the mean training loss (see
-:data:`~privacy.secagg.state.LOSS_ARRAY`). The weight is the site's number of training
+:data:`~privacy.secagg.wire.LOSS_ARRAY`). The weight is the site's number of training
 examples, as in plain FedAvg.
 
 Every reply holds exactly one ConfigRecord, ``secagg``, with one site-to-coordinator message.
@@ -50,20 +50,17 @@ from privacy.secagg import (
     ShareDelivery,
     UnmaskRequest,
 )
-from privacy.secagg.state import (
+from privacy.secagg.wire import (
     KEYS_ACTION,
     LOSS_ARRAY,
     LOSS_RANGE,
     MASK_ACTION,
-    RECORD,
     SHARES_ACTION,
     UNMASK_ACTION,
     FieldValue,
     invitation_from_fields,
     message_from_fields,
     message_to_fields,
-    session_from_bytes,
-    session_to_bytes,
 )
 
 __all__ = ["ERROR_CODE_REFUSED", "ERROR_CODE_SECAGG", "register"]
@@ -238,9 +235,11 @@ def _unmask(msg: Message, context: Context) -> RecordDict:
 
 
 def _fields(msg: Message) -> dict[str, object]:
-    record = msg.content.get(RECORD)
+    record = msg.content.get(keys.SECAGG)
     if not isinstance(record, ConfigRecord):
-        raise ProtocolError(f"A secure-aggregation message must carry a ConfigRecord '{RECORD}'.")
+        raise ProtocolError(
+            f"A secure-aggregation message must carry a ConfigRecord '{keys.SECAGG}'."
+        )
     return dict(record)
 
 
@@ -252,13 +251,11 @@ def _arrays(content: RecordDict, what: str) -> dict[str, np.ndarray]:
 
 
 def _reply(fields: dict[str, FieldValue]) -> RecordDict:
-    return RecordDict({RECORD: ConfigRecord(fields)})  # type: ignore[arg-type]
+    return RecordDict({keys.SECAGG: ConfigRecord(fields)})  # type: ignore[arg-type]
 
 
 def _save(context: Context, session: ClientSession, weight: int) -> None:
-    context.state[SESSION_STATE] = ConfigRecord(
-        {_SESSION: session_to_bytes(session), _WEIGHT: weight}
-    )
+    context.state[SESSION_STATE] = ConfigRecord({_SESSION: session.snapshot(), _WEIGHT: weight})
 
 
 def _load(context: Context) -> tuple[ClientSession, int]:
@@ -268,7 +265,7 @@ def _load(context: Context) -> tuple[ClientSession, int]:
             "This site has no secure-aggregation round in progress; a round starts with "
             f"the {KEYS_ACTION} message."
         )
-    return session_from_bytes(record[_SESSION]), int(record[_WEIGHT])  # type: ignore[arg-type]
+    return ClientSession.restore(record[_SESSION]), int(record[_WEIGHT])  # type: ignore[arg-type]
 
 
 def _forget(context: Context) -> None:

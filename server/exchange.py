@@ -1,19 +1,35 @@
-"""Send messages over a Flower Grid and wait for the replies, polling briefly.
+"""Send messages over a Flower Grid, wait for the replies, and sort them by site.
 
 ``Grid.send_and_receive`` in flwr 1.42 pulls replies every 0.1 s on the simulation engine and
 every 3 s on the deployment engine. A secure-aggregation round makes four exchanges, three of
 them light (keys, shares, unmasking), so that wait dominated a round. This does the same
 through the Grid's public ``push_messages``/``pull_messages``, with a poll interval that starts
 at a few milliseconds and backs off to :data:`MAX_POLL_S` while replies take longer.
+
+:func:`collect_replies` then splits the replies of one exchange into per-site results and
+failures, each failure filed under the node it was sent to.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedrad.core import keys
+
+__all__ = [
+    "FIRST_POLL_S",
+    "MAX_POLL_S",
+    "SiteReplies",
+    "collect_replies",
+    "node_label",
+    "send_and_receive",
+]
 
 FIRST_POLL_S = 0.005
 MAX_POLL_S = 0.1
@@ -40,3 +56,68 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
         time.sleep(min(interval, remaining))
         interval = min(interval * _BACKOFF, MAX_POLL_S)
     return replies
+
+
+@dataclass
+class SiteReplies:
+    """Replies of one exchange, split into per-site results and failures."""
+
+    ok: list[Message] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subgroups: dict[str, dict[str, int]] = field(default_factory=dict)
+    secure: dict[str, Any] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Under SecAgg+: the securely summed evaluation totals of the model the round started from."""
+    participants: list[str] = field(default_factory=list)
+    """The sites whose reply is in the result: their names, or ``node-<id>`` under SecAgg+."""
+
+    @property
+    def num_trained(self) -> int:
+        """Sites whose update is in the aggregate (under SecAgg+: those whose mask arrived)."""
+        return int(self.secure["contributors"]) if self.secure else len(self.ok)
+
+
+def collect_replies(
+    sent: list[Message], replies: list[Message], names: dict[int, str]
+) -> SiteReplies:
+    """Split replies into results and failures, each failure under the node it was sent to.
+
+    An error reply may come from the SuperLink itself (a node that vanished), so the node is
+    found through the message replied to, never the reply's source. ``names`` maps node ids
+    to the site names they reported earlier; it learns from this exchange.
+    """
+    out = SiteReplies()
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    answered: set[int] = set()
+    for msg in replies:
+        node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        answered.add(node)
+        if msg.has_error():
+            out.failures[node_label(node, names)] = str(msg.error.reason)
+            continue
+        site = str(msg.content[keys.SITE][keys.SITE_ID])
+        names[node] = site
+        metrics = next(iter(msg.content.metric_records.values()))
+        out.results[site] = {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()}
+        if keys.SUBGROUPS in msg.content:
+            out.subgroups[site] = _cell_counts(msg.content[keys.SUBGROUPS])
+        out.participants.append(site)
+        out.ok.append(msg)
+    for node in set(destination.values()) - answered:
+        out.failures[node_label(node, names)] = "no reply within round-timeout"
+    return out
+
+
+def node_label(node: int, names: dict[int, str]) -> str:
+    """Return how a report names a node: its site name where known, else ``node-<id>``."""
+    return f"{names[node]} (node {node})" if node in names else f"node-{node}"
+
+
+def _cell_counts(record: Mapping[str, object]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for cell, value in record.items():
+        if not isinstance(value, int | float | str | bytes):
+            raise TypeError(f"subgroup cell {cell!r} holds {type(value).__name__}, not a count")
+        counts[cell] = int(value)
+    return counts

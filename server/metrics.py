@@ -6,10 +6,14 @@ every metric here. ``exact_auc`` serves ``fedrad evaluate``, which sees individu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from fedrad.core import keys
+from fedrad.core.config import RunConfig
 from fedrad.core.keys import SCORE_BINS
 
 
@@ -122,3 +126,15 @@ def summarize(
             accuracy=float(np.trace(confusion) / total) if total else float("nan"),
         )
     return out
+
+
+def evaluation_metrics(totals: Mapping[str, Any], config: RunConfig) -> dict[str, float]:
+    """Metrics of evaluation totals as sites send them (flat lists), shaped by the run config."""
+    c = config.num_classes
+    return summarize(
+        num_examples=int(totals[keys.NUM_EXAMPLES]),
+        loss_sum=float(totals[keys.LOSS_SUM]),
+        confusion=np.asarray(totals[keys.CONFUSION], dtype=np.int64).reshape(c, c),
+        score_hist=np.asarray(totals[keys.SCORE_HIST], dtype=np.int64).reshape(c, c, SCORE_BINS),
+        positive_label=config.positive_label,
+    )

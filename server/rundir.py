@@ -2,7 +2,8 @@
 
 Layout (schema version ``fedrad.core.config.SCHEMA_VERSION``)::
 
-    RUN_DIR/run.json                       resolved configuration, seed, package versions
+    RUN_DIR/run.json                       resolved configuration, seed, package versions,
+                                           the sites that took part so far
     RUN_DIR/metrics.jsonl                  one JSON line per round (per-site and aggregated)
     RUN_DIR/rounds/round-NNNN/model.safetensors   global model after round NNNN
     RUN_DIR/rounds/round-NNNN/model.json          model name, configuration, round, sha256
@@ -48,9 +49,12 @@ _PACKAGES = ("fedrad", "flwr", "torch", "monai", "opacus", "pydicom", "numpy", "
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
-    replace_atomically(
-        path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    )
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    replace_atomically(path, write)
 
 
 def read_json(path: Path) -> Any:
@@ -145,6 +149,16 @@ class RunDir:
         }
         write_json(self.path / RUN_FILE, record)
 
+    def record_sites(self, sites: list[str]) -> None:
+        """Set the run record's ``sites``: the sites that took part so far.
+
+        The coordinator learns who takes part from the replies, after the run record is first
+        written: site names in the clear, ``node-<id>`` under secure aggregation.
+        """
+        record = read_json(self.path / RUN_FILE)
+        record["sites"] = sites
+        write_json(self.path / RUN_FILE, record)
+
     def save_initial(self, arrays: dict[str, np.ndarray]) -> None:
         """Save the initial global model (before round 1) for comparison and audit."""
         tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
@@ -171,9 +185,11 @@ class RunDir:
             "sha256": digest,
         }
         write_json(folder / MODEL_META, meta)
-        replace_atomically(
-            self.path / MODEL_FILE, lambda p: shutil.copyfile(folder / MODEL_FILE, p)
-        )
+
+        def copy_model(tmp: Path) -> None:
+            shutil.copyfile(folder / MODEL_FILE, tmp)
+
+        replace_atomically(self.path / MODEL_FILE, copy_model)
         write_json(self.path / MODEL_META, meta)
         return digest
 

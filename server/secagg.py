@@ -1,4 +1,4 @@
-"""One training round under secure aggregation (SecAgg+, Bell et al.) over a Flower Grid.
+"""One round under secure aggregation (SecAgg+, Bell et al.) over a Flower Grid.
 
 The coordinator learns only the weighted sum of the sites' model updates (weight: their number
 of training examples), of their training loss sums and, when asked, the exact sum of their
@@ -41,12 +41,11 @@ from privacy.secagg import (
     UnmaskResponse,
     default_degree,
 )
-from privacy.secagg.state import (
+from privacy.secagg.wire import (
     KEYS_ACTION,
     LOSS_ARRAY,
     LOSS_RANGE,
     MASK_ACTION,
-    RECORD,
     SHARES_ACTION,
     UNMASK_ACTION,
     FieldValue,
@@ -57,7 +56,7 @@ from privacy.secagg.state import (
 from server.exchange import send_and_receive
 from server.strategies import numpy_to_arrays
 
-__all__ = ["SecureRoundResult", "default_threshold", "secure_train_round"]
+__all__ = ["SecureRoundResult", "default_threshold", "secure_round"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ _Reply = TypeVar("_Reply", KeyAdvertisement, ShareKeys, MaskedInput, UnmaskRespo
 
 @dataclass(frozen=True)
 class SecureRoundResult:
-    """The outcome of one secure training round.
+    """The outcome of one secure round.
 
     Attributes
     ----------
@@ -79,6 +78,8 @@ class SecureRoundResult:
         How many sites' updates are in the sum.
     dropped
         The nodes (``"node-<id>"``) whose update is not in the sum.
+    aggregated
+        The nodes (``"node-<id>"``) whose update (or counts) is in the sum.
     failures
         Why a node was dropped, where it said or failed to answer (``"node-<id>"``).
     status
@@ -103,9 +104,10 @@ class SecureRoundResult:
     error_bound: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, np.ndarray] = field(default_factory=dict)
+    aggregated: list[str] = field(default_factory=list)
 
 
-def secure_train_round(
+def secure_round(
     grid: Grid,
     node_ids: Sequence[int],
     *,
@@ -121,7 +123,10 @@ def secure_train_round(
     max_count: int = 1 << 40,
     train: bool = True,
 ) -> SecureRoundResult:
-    """Train one round on ``node_ids`` and aggregate their updates (and counts) securely.
+    """Run one round on ``node_ids`` and aggregate their updates (and counts) securely.
+
+    With ``train=True`` (a training round) the sites train and their updates are summed; with
+    ``train=False`` (an evaluation-only round) only their counts are.
 
     Parameters
     ----------
@@ -194,7 +199,7 @@ def secure_train_round(
                     {
                         keys.ARRAYS: global_record,
                         keys.CONFIG: site_config,
-                        RECORD: ConfigRecord(invitation_to_fields(setup, p)),  # type: ignore[arg-type]
+                        keys.SECAGG: ConfigRecord(invitation_to_fields(setup, p)),  # type: ignore[arg-type]
                     }
                 )
                 for p in node_of
@@ -239,6 +244,7 @@ def secure_train_round(
         error_bound=result.error_bound,
         seconds=seconds,
         counts=result.counts,
+        aggregated=[f"node-{node_of[p]}" for p in sorted(result.contributors)],
     )
 
 
@@ -323,9 +329,9 @@ class _Exchange:
             self.failures[name] = f"{action}: {reply.error.reason}"
             return None
         try:
-            record = reply.content.get(RECORD)
+            record = reply.content.get(keys.SECAGG)
             if not isinstance(record, ConfigRecord):
-                raise ProtocolError(f"no ConfigRecord '{RECORD}' in the reply")
+                raise ProtocolError(f"no ConfigRecord '{keys.SECAGG}' in the reply")
             message = message_from_fields(kind, dict(record))
             if message.sender != participant:
                 raise ProtocolError(f"the reply claims to come from participant {message.sender}")
@@ -340,11 +346,11 @@ def _contents(messages: Mapping[NodeId, object]) -> dict[NodeId, RecordDict]:
 
 
 def _record(fields: dict[str, FieldValue]) -> RecordDict:
-    return RecordDict({RECORD: ConfigRecord(fields)})  # type: ignore[arg-type]
+    return RecordDict({keys.SECAGG: ConfigRecord(fields)})  # type: ignore[arg-type]
 
 
 def _add(array: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
-    total = np.asarray(array, dtype=np.float64) + mean_update
+    total: np.ndarray = np.asarray(array, dtype=np.float64) + mean_update
     if np.issubdtype(array.dtype, np.integer):
         total = np.rint(total)
     return total.astype(array.dtype)

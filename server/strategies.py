@@ -8,6 +8,7 @@ is saved with every round's checkpoint so that a resumed run continues exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypedDict
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -34,7 +35,20 @@ def sum_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord
     return total
 
 
-def _common(config: RunConfig) -> dict[str, object]:
+class _CommonOptions(TypedDict):
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+    train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+    evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+
+
+def _common(config: RunConfig) -> _CommonOptions:
     return {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": 1.0,
@@ -50,16 +64,16 @@ def _common(config: RunConfig) -> dict[str, object]:
 
 
 STRATEGIES: dict[str, Callable[[RunConfig], FedAvg]] = {
-    "fedavg": lambda c: FedAvg(**_common(c)),  # type: ignore[arg-type]
-    "fedprox": lambda c: FedProx(**_common(c), proximal_mu=c.proximal_mu),  # type: ignore[arg-type]
+    "fedavg": lambda c: FedAvg(**_common(c)),
+    "fedprox": lambda c: FedProx(**_common(c), proximal_mu=c.proximal_mu),
     "fedadam": lambda c: FedAdam(
         **_common(c),
         eta=c.server_learning_rate,
-        eta_l=c.learning_rate,  # type: ignore[arg-type]
+        eta_l=c.learning_rate,
     ),
-    "fedmedian": lambda c: FedMedian(**_common(c)),  # type: ignore[arg-type]
-    "fedtrimmedavg": lambda c: FedTrimmedAvg(**_common(c), beta=c.trim_beta),  # type: ignore[arg-type]
-    "krum": lambda c: Krum(**_common(c), num_malicious_nodes=c.krum_byzantine),  # type: ignore[arg-type]
+    "fedmedian": lambda c: FedMedian(**_common(c)),
+    "fedtrimmedavg": lambda c: FedTrimmedAvg(**_common(c), beta=c.trim_beta),
+    "krum": lambda c: Krum(**_common(c), num_malicious_nodes=c.krum_byzantine),
 }
 
 

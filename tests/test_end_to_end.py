@@ -9,7 +9,7 @@ import pytest
 from helpers import fedrad_command, run_command
 from safetensors.numpy import load_file
 
-from server.loop import sha256_arrays
+from server.digest import sha256_arrays
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -63,6 +63,7 @@ def test_run_record_has_config_seed_versions_schema(finished_run):
     assert record["seed"] == 0
     assert {"flwr", "torch", "monai", "opacus", "pydicom"} <= set(record["versions"])
     assert len(record["code"]["sha256"]) == 64
+    assert record["sites"] == ["site-1", "site-2"]
 
 
 def test_every_round_checkpoint_is_complete(finished_run):

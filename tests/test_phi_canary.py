@@ -24,7 +24,7 @@ from pydicom.sequence import Sequence
 from fedrad.core import keys
 from fedrad.core.config import RunConfig
 from fedrad.synth import SynthConfig, write_consortium
-from server.loop import initial_arrays, model_spec
+from server.initial_model import initial_arrays, model_spec
 from server.strategies import numpy_to_arrays
 
 pytestmark = pytest.mark.timeout(400)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,6 +61,9 @@ def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tm
     assert final_evaluation["contributors"] == 3
     assert summary["validation"]["num-examples"] == val_samples
     assert 0.0 <= summary["validation"]["auc"] <= 1.0
+    # under SecAgg+ no site name reaches the coordinator: the run names the nodes that took part
+    sites = json.loads((run_dir / "run.json").read_text())["sites"]
+    assert len(sites) == 3 and all(re.fullmatch(r"node-\d+", s) for s in sites)
     ledger = three_sites / ".fedrad-ledger" / "secure-study" / "site-1.json"
     assert len(json.loads(ledger.read_text())["rounds"]) == 2  # DP spent at the site
 

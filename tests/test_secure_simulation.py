@@ -1,7 +1,7 @@
 """Secure aggregation on Flower's simulation engine: five synthetic sites, the real training.
 
 A test ServerApp runs four rounds. Each round first sends plain ``train`` messages (the sites'
-models in the clear, for reference), then runs ``secure_train_round`` on the same global
+models in the clear, for reference), then runs ``secure_round`` on the same global
 model and config; sites seed training with the round, so both train identical models. Rounds
 1-2 have every site, in round 3 one site's ClientApp raises at the masking stage, in round 4
 three of five do. Failures are injected by a mod of the test's own ClientApp wrapper, keyed by
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privacy.secagg.state import LOSS_RANGE
+from privacy.secagg.wire import LOSS_RANGE
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -44,7 +44,7 @@ def _client_app():
 
     import client.app as product
     from client.secagg import register
-    from privacy.secagg.state import MASK_ACTION
+    from privacy.secagg.wire import MASK_ACTION
 
     sites_dir = SITES_DIR
 
@@ -137,8 +137,8 @@ def _server_app(out: Path):
     from flwr.serverapp import ServerApp
 
     from fedrad.core.config import RunConfig
-    from server.loop import initial_arrays, model_spec
-    from server.secagg import secure_train_round
+    from server.initial_model import initial_arrays, model_spec
+    from server.secagg import secure_round
 
     app = ServerApp()
 
@@ -155,7 +155,7 @@ def _server_app(out: Path):
             started = time.monotonic()
             sites = _plain_round(grid, nodes, arrays, site_config, server_round)
             plain_seconds = time.monotonic() - started
-            result = secure_train_round(
+            result = secure_round(
                 grid,
                 nodes,
                 server_round=server_round,

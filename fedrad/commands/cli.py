@@ -182,7 +182,7 @@ def _preflight(config: RunConfig) -> list[Path]:
 def simulate(config: RunConfig, *, client_cpus: float) -> Path:
     """Check the sites, run the simulation, return the run directory."""
     from fedrad.commands.simulate import run_simulation
-    from server.loop import model_spec
+    from server.initial_model import model_spec
     from server.rundir import new_run_dir
 
     model_spec(config)  # an unknown model or impossible shape fails here, before any work

@@ -13,6 +13,7 @@ METRICS = "metrics"
 SITE = "site"
 SUBGROUPS = "subgroups"
 SECAGG = "secagg"
+"""The one ConfigRecord a secure-aggregation message carries, in both directions."""
 
 # ConfigRecord keys sent by the coordinator (beyond the run-config keys)
 SERVER_ROUND = "server-round"

@@ -6,29 +6,33 @@ release anything that could unmask its own or a neighbour's input. Public keys a
 authenticated: a coordinator that substitutes keys can read shares (a man-in-the-middle), which
 node authentication in a later layer must prevent. A session that raised once is finished and
 answers nothing more.
+
+A session can be saved mid-round (:meth:`ClientSession.snapshot`) and rebuilt at the stage it
+had reached (:meth:`ClientSession.restore`): in deployment every message starts a fresh
+ClientApp process, so the session lives in ``context.state`` between the four stages. Its
+snapshot holds its private keys and the shares it holds for its neighbours: it must stay on
+the site (Flower's ``context.state`` never leaves the node).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
+import json
 import os
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
 from . import keys
 from .errors import (
     ConfigurationError,
-    ConflictingUnmaskRequest,
-    NotSurvivorError,
-    OverlappingSetsError,
     ProtocolError,
-    TooFewSurvivorsError,
-    UnknownPeerError,
 )
-from .ids import NodeId, encode_fields, encode_id, validate_ids
+from .ids import NodeId, validate_ids
 from .masking import apply_masks, pairwise_mask_key, pairwise_sign, self_mask_key, wire_dtype
 from .messages import (
     KeyAdvertisement,
@@ -42,10 +46,13 @@ from .messages import (
 )
 from .round_setup import MAX_VECTOR_LENGTH, RoundSetup
 from .shamir import SHARE_BYTES, split_secret
+from .unmask_policy import check_unmask_request
+from .wire import load_json_object, setup_from_bytes, setup_to_bytes
 
-__all__ = ["ClientSession", "share_encryption_key"]
+__all__ = ["ClientSession"]
 
 _SEED_BYTES = 32
+_SNAPSHOT_FORMAT = "fedrad-secagg-session/1"
 
 
 class _Stage(enum.Enum):
@@ -55,14 +62,6 @@ class _Stage(enum.Enum):
     MASKED = enum.auto()
     UNMASKED = enum.auto()
     FAILED = enum.auto()
-
-
-def share_encryption_key(
-    shared_secret: bytes, *, round_id: str, sender: NodeId, receiver: NodeId
-) -> bytes:
-    """Derive the AES key for shares sent from ``sender`` to ``receiver`` in a round."""
-    context = encode_fields(round_id.encode("utf-8"), encode_id(sender), encode_id(receiver))
-    return keys.derive_key(shared_secret, purpose=b"share-encryption", context=context)
 
 
 class ClientSession:
@@ -101,6 +100,75 @@ class ClientSession:
         self._masking_peers: frozenset[NodeId] = frozenset()
         self._released: dict[NodeId, ShareKind] = {}
         self._answered: tuple[frozenset[NodeId], frozenset[NodeId]] | None = None
+
+    def snapshot(self) -> bytes:
+        """Return everything this session holds, its private keys included, as UTF-8 JSON.
+
+        :meth:`restore` rebuilds the session from it at the stage it had reached. A new
+        attribute of the session must be saved here and rebuilt there.
+        """
+        setup, answered = self._setup, self._answered
+        state = {
+            "format": _SNAPSHOT_FORMAT,
+            "site-id": self.site_id,
+            "min-threshold": self._min_threshold,
+            "max-vector-length": self._max_vector_length,
+            "stage": self._stage.name,
+            "setup": None if setup is None else setup_to_bytes(setup).decode("utf-8"),
+            "encryption-key": _b64(keys.private_bytes(self._encryption_key)),
+            "mask-key": _b64(keys.private_bytes(self._mask_key)),
+            "peer-mask-keys": [[p, _b64(k)] for p, k in self._peer_mask_keys.items()],
+            "peer-encryption-keys": [[p, _b64(k)] for p, k in self._peer_encryption_keys.items()],
+            "self-mask-seed": _b64(self._self_mask_seed),
+            "held": [[o, _b64(s), _b64(k)] for o, (s, k) in self._held.items()],
+            "masking-peers": sorted(self._masking_peers),
+            "released": [[o, kind.value] for o, kind in self._released.items()],
+            "answered": None if answered is None else [sorted(answered[0]), sorted(answered[1])],
+        }
+        return json.dumps(state).encode("utf-8")
+
+    @classmethod
+    def restore(cls, data: bytes) -> ClientSession:
+        """Rebuild the session :meth:`snapshot` saved, at the stage it had reached.
+
+        Raises
+        ------
+        ProtocolError
+            If the bytes are not a saved session of this format.
+        """
+        raw = load_json_object(data, _SNAPSHOT_FORMAT, "saved session")
+        try:
+            session = cls(
+                raw["site-id"],
+                min_threshold=raw["min-threshold"],
+                max_vector_length=raw["max-vector-length"],
+            )
+            session._load_snapshot(raw)
+        except (KeyError, TypeError, ValueError, ConfigurationError) as error:
+            raise ProtocolError(f"Malformed saved session: {error!r}") from error
+        return session
+
+    def _load_snapshot(self, raw: dict[str, Any]) -> None:
+        setup = raw["setup"]
+        self._stage = _Stage[raw["stage"]]
+        self._setup = None if setup is None else setup_from_bytes(setup.encode("utf-8"))
+        self._encryption_key = keys.load_private_key(_unb64(raw["encryption-key"]))
+        self._mask_key = keys.load_private_key(_unb64(raw["mask-key"]))
+        self._peer_mask_keys = {_id(p): _unb64(k) for p, k in raw["peer-mask-keys"]}
+        self._peer_encryption_keys = {_id(p): _unb64(k) for p, k in raw["peer-encryption-keys"]}
+        self._self_mask_seed = _unb64(raw["self-mask-seed"])
+        self._held = {_id(o): (_unb64(s), _unb64(k)) for o, s, k in raw["held"]}
+        self._masking_peers = frozenset(validate_ids(raw["masking-peers"], what="peers"))
+        self._released = {_id(o): ShareKind(kind) for o, kind in raw["released"]}
+        answered = raw["answered"]
+        self._answered = (
+            None
+            if answered is None
+            else (
+                frozenset(validate_ids(answered[0], what="ids")),
+                frozenset(validate_ids(answered[1], what="ids")),
+            )
+        )
 
     @property
     def released(self) -> Mapping[NodeId, ShareKind]:
@@ -257,7 +325,14 @@ class ClientSession:
         """
         with self._step(_Stage.MASKED, _Stage.UNMASKED, also=_Stage.UNMASKED):
             setup = self._checked_setup(request.round_id, request.receiver)
-            survivors, dropped = self._checked_request(request, setup.threshold)
+            survivors, dropped = check_unmask_request(
+                request,
+                site_id=self.site_id,
+                threshold=setup.threshold,
+                masking_peers=self._masking_peers,
+                released=self._released,
+                answered=self._answered,
+            )
             for owner in survivors:
                 self._released[owner] = ShareKind.SELF_MASK
             for owner in dropped:
@@ -271,46 +346,6 @@ class ClientSession:
                 mask_key_owners=dropped,
                 mask_key_shares=tuple(self._held[owner][1] for owner in dropped),
             )
-
-    def _checked_request(
-        self, request: UnmaskRequest, threshold: int
-    ) -> tuple[tuple[NodeId, ...], tuple[NodeId, ...]]:
-        try:
-            survivors = validate_ids(request.survivors, what="survivors")
-            dropped = validate_ids(request.dropped, what="dropped")
-        except ConfigurationError as error:
-            raise ProtocolError(str(error)) from error
-        overlap = set(survivors) & set(dropped)
-        if overlap:
-            raise OverlappingSetsError(
-                f"Refusing to unmask: {sorted(overlap)} listed both as survivor and as dropped."
-            )
-        unknown = (set(survivors) | set(dropped)) - self._masking_peers - {self.site_id}
-        if unknown:
-            raise UnknownPeerError(
-                f"Refusing to unmask: {sorted(unknown)} are not neighbours that shared keys "
-                "with this site."
-            )
-        if self.site_id not in survivors:
-            raise NotSurvivorError("Refusing to unmask: this site is not listed as a survivor.")
-        if len(survivors) < threshold:
-            raise TooFewSurvivorsError(
-                f"Refusing to unmask: {len(survivors)} survivors are fewer than the threshold "
-                f"{threshold}."
-            )
-        conflicts = [o for o in survivors if self._released.get(o) is ShareKind.MASK_KEY]
-        conflicts += [o for o in dropped if self._released.get(o) is ShareKind.SELF_MASK]
-        if conflicts:
-            raise ConflictingUnmaskRequest(
-                f"Refusing to unmask: the other share of {sorted(conflicts)} was already "
-                "released; both together would reveal their inputs."
-            )
-        if self._answered not in (None, (frozenset(survivors), frozenset(dropped))):
-            raise ConflictingUnmaskRequest(
-                "Refusing to unmask: this round's unmask request was already answered with "
-                "other survivor and dropped sets."
-            )
-        return survivors, dropped
 
     @contextlib.contextmanager
     def _step(
@@ -361,22 +396,37 @@ class ClientSession:
         return checked
 
     def _seal(self, peer: NodeId, plaintext: bytes) -> bytes:
-        round_id = self._current_setup().round_id
-        secret = keys.agree(self._encryption_key, self._peer_encryption_keys[peer])
-        key = share_encryption_key(secret, round_id=round_id, sender=self.site_id, receiver=peer)
-        associated = keys.share_associated_data(
-            round_id=round_id, sender=self.site_id, receiver=peer
+        return keys.seal_share(
+            self._encryption_key,
+            self._peer_encryption_keys[peer],
+            plaintext,
+            round_id=self._current_setup().round_id,
+            sender=self.site_id,
+            receiver=peer,
         )
-        return keys.seal(key, plaintext, associated_data=associated)
 
     def _open(self, sender: NodeId, sealed: bytes) -> tuple[bytes, bytes]:
-        round_id = self._current_setup().round_id
-        secret = keys.agree(self._encryption_key, self._peer_encryption_keys[sender])
-        key = share_encryption_key(secret, round_id=round_id, sender=sender, receiver=self.site_id)
-        associated = keys.share_associated_data(
-            round_id=round_id, sender=sender, receiver=self.site_id
+        plaintext = keys.open_share(
+            self._encryption_key,
+            self._peer_encryption_keys[sender],
+            sealed,
+            round_id=self._current_setup().round_id,
+            sender=sender,
+            receiver=self.site_id,
         )
-        plaintext = keys.open_sealed(key, sealed, associated_data=associated)
         if len(plaintext) != 2 * SHARE_BYTES:
             raise ProtocolError(f"A share pair from {sender!r} has the wrong length.")
         return plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _id(value: object) -> NodeId:
+    (node_id,) = validate_ids([value], what="id")
+    return node_id

@@ -29,8 +29,11 @@ __all__ = [
     "open_sealed",
     "private_bytes",
     "public_bytes",
+    "open_share",
     "seal",
+    "seal_share",
     "share_associated_data",
+    "share_encryption_key",
 ]
 
 KEY_BYTES = 32
@@ -96,6 +99,52 @@ def share_associated_data(*, round_id: str, sender: NodeId, receiver: NodeId) ->
     return encode_fields(
         _LABEL, b"share", round_id.encode("utf-8"), encode_id(sender), encode_id(receiver)
     )
+
+
+def share_encryption_key(
+    shared_secret: bytes, *, round_id: str, sender: NodeId, receiver: NodeId
+) -> bytes:
+    """Derive the AES key for shares sent from ``sender`` to ``receiver`` in a round."""
+    context = encode_fields(round_id.encode("utf-8"), encode_id(sender), encode_id(receiver))
+    return derive_key(shared_secret, purpose=b"share-encryption", context=context)
+
+
+def seal_share(
+    own_key: X25519PrivateKey,
+    peer_key: bytes,
+    plaintext: bytes,
+    *,
+    round_id: str,
+    sender: NodeId,
+    receiver: NodeId,
+) -> bytes:
+    """Encrypt a share pair from ``sender`` (holding ``own_key``) to ``receiver`` (``peer_key``)."""
+    secret = agree(own_key, peer_key)
+    key = share_encryption_key(secret, round_id=round_id, sender=sender, receiver=receiver)
+    associated = share_associated_data(round_id=round_id, sender=sender, receiver=receiver)
+    return seal(key, plaintext, associated_data=associated)
+
+
+def open_share(
+    own_key: X25519PrivateKey,
+    peer_key: bytes,
+    sealed: bytes,
+    *,
+    round_id: str,
+    sender: NodeId,
+    receiver: NodeId,
+) -> bytes:
+    """Decrypt what :func:`seal_share` made, at ``receiver`` (holding ``own_key``).
+
+    Raises
+    ------
+    ShareDecryptionError
+        If the share was altered or sent for another round, sender or receiver.
+    """
+    secret = agree(own_key, peer_key)
+    key = share_encryption_key(secret, round_id=round_id, sender=sender, receiver=receiver)
+    associated = share_associated_data(round_id=round_id, sender=sender, receiver=receiver)
+    return open_sealed(key, sealed, associated_data=associated)
 
 
 def seal(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:

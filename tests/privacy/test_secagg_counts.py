@@ -5,7 +5,7 @@ import pytest
 
 from privacy.secagg import InMemoryRound, RoundAborted, RoundSetup, Stage
 from privacy.secagg.errors import ConfigurationError, InputError, InputRangeError
-from privacy.secagg.state import setup_from_bytes, setup_to_bytes
+from privacy.secagg.wire import setup_from_bytes, setup_to_bytes
 
 pytestmark = pytest.mark.timeout(120)
 

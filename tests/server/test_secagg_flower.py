@@ -1,6 +1,6 @@
-"""SecAgg+ over Flower records, without an engine: codecs, saved sessions, and whole rounds
-through the real ClientApp handlers and ``secure_train_round`` over an in-process Grid that
-carries every message and node state through Flower's protobuf form (as deployment does)."""
+"""SecAgg+ over Flower, without an engine: whole rounds through the real ClientApp handlers
+and ``secure_round`` over an in-process Grid that carries every message and node state
+through Flower's protobuf form (as deployment does)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.common.serde import (
-    config_record_from_proto,
-    config_record_to_proto,
     context_from_proto,
     context_to_proto,
     message_from_proto,
@@ -35,46 +33,26 @@ from flwr.serverapp import Grid
 from client.secagg import ERROR_CODE_REFUSED, ERROR_CODE_SECAGG, SESSION_STATE, register
 from fedrad.core import evalsums, keys
 from privacy.secagg import (
-    ClientSession,
     ConfigurationError,
-    ConflictingUnmaskRequest,
-    KeyAdvertisement,
-    KeyBroadcast,
-    MaskedInput,
-    ProtocolError,
     RoundSetup,
-    ServerSession,
-    ShareDelivery,
-    ShareKeys,
     UnmaskRequest,
-    UnmaskResponse,
     quantisation_bound,
 )
-from privacy.secagg.state import (
+from privacy.secagg.allowlist import check_reply_fields
+from privacy.secagg.wire import (
     KEYS_ACTION,
     LOSS_RANGE,
     MASK_ACTION,
-    RECORD,
     SHARES_ACTION,
     UNMASK_ACTION,
-    check_reply_fields,
-    invitation_from_fields,
-    invitation_to_fields,
     message_from_fields,
     message_to_fields,
-    session_from_bytes,
-    session_to_bytes,
-    setup_from_bytes,
-    setup_to_bytes,
 )
-from server.secagg import default_threshold, secure_train_round
+from server.secagg import default_threshold, secure_round
 
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT = 0.2  # ProcessGrid answers at once; a vanished site's reply is waited for this long
-
-SHAPES = {"conv": (4, 3), "bias": (5,)}
-SITES = (1, 2, 3, 4, 5)
 
 
 @pytest.fixture(autouse=True)
@@ -83,236 +61,6 @@ def task_identity(monkeypatch):
 
     for attr in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
-
-
-# ----------------------------------------------------------------------------- in-memory round
-
-
-def _inputs(sites=SITES):
-    rng = np.random.default_rng(7)
-    return {
-        s: ({n: rng.uniform(-1, 1, shape) for n, shape in SHAPES.items()}, int(rng.integers(1, 99)))
-        for s in sites
-    }
-
-
-def _setup(sites=SITES, threshold=3):
-    return RoundSetup.create(
-        round_id="r-1",
-        participants=list(sites),
-        threshold=threshold,
-        array_shapes=SHAPES,
-        clipping_range=1.0,
-    )
-
-
-def _restored(sessions):
-    return {s: session_from_bytes(session_to_bytes(c)) for s, c in sessions.items()}
-
-
-@dataclasses.dataclass
-class Transcript:
-    """Every message of one in-memory round, and the sessions at its end."""
-
-    messages: dict[type, list]
-    result: object
-    sessions: dict
-
-
-def _run_round(restore_after: str | None = None, compare: list | None = None) -> Transcript:
-    """Run a round, saving and restoring every site's session after the named stage.
-
-    ``compare`` collects (original, restored) outputs of the deterministic next step.
-    """
-    setup, inputs = _setup(), _inputs()
-    server, sessions = ServerSession(setup), {s: ClientSession(s) for s in SITES}
-    seen: dict[type, list] = {}
-
-    def keep(messages):
-        for m in messages:
-            seen.setdefault(type(m), []).append(m)
-        return messages
-
-    adverts = keep([c.advertise_keys(setup) for c in sessions.values()])
-    if restore_after == "keys":
-        sessions = _restored(sessions)
-    broadcasts = keep(list(server.collect_keys(adverts).values()))
-    shares = keep([sessions[b.receiver].share_keys(b) for b in broadcasts])
-    deliveries = keep(list(server.collect_shares(shares).values()))
-    if restore_after == "shares":
-        originals, sessions = sessions, _restored(sessions)
-    masked = keep([_mask(sessions[d.receiver], d, inputs) for d in deliveries])
-    if restore_after == "shares":
-        compare += [
-            (_mask(originals[d.receiver], d, inputs).masked, m.masked)
-            for d, m in zip(deliveries, masked, strict=True)
-        ]
-    requests = keep(list(server.collect_masked_inputs(masked).values()))
-    if restore_after == "mask":
-        sessions = _restored(sessions)
-    responses = keep([sessions[r.receiver].unmask(r) for r in requests])
-    return Transcript(seen, server.aggregate(responses), sessions)
-
-
-def _mask(session, delivery, inputs):
-    arrays, weight = inputs[delivery.receiver]
-    return session.mask_input(delivery, arrays, weight=weight)
-
-
-def _fedavg(inputs, sites):
-    weights = np.array([inputs[s][1] for s in sites], dtype=np.float64)
-    return {
-        n: np.tensordot(weights, np.stack([inputs[s][0][n] for s in sites]), axes=1) / weights.sum()
-        for n in SHAPES
-    }
-
-
-@pytest.mark.parametrize("restore_after", [None, "keys", "shares", "mask"])
-def test_a_session_saved_mid_round_gives_the_same_outcome(restore_after):
-    compare: list = []
-
-    transcript = _run_round(restore_after, compare)
-
-    expected = _fedavg(_inputs(), SITES)
-    for name, array in expected.items():
-        assert np.abs(transcript.result.arrays[name] - array).max() <= transcript.result.error_bound
-    for original, restored in compare:  # masking is deterministic given the saved state
-        np.testing.assert_array_equal(original, restored)
-
-
-def test_a_restored_session_keeps_its_refusals():
-    transcript = _run_round()
-    site, session = next(iter(transcript.sessions.items()))
-    request = next(r for r in transcript.messages[UnmaskRequest] if r.receiver == site)
-    other = next(s for s in request.survivors if s != site)
-    restored = session_from_bytes(session_to_bytes(session))
-
-    conflicting = dataclasses.replace(
-        request, survivors=tuple(s for s in request.survivors if s != other), dropped=(other,)
-    )
-    with pytest.raises(ConflictingUnmaskRequest):
-        restored.unmask(conflicting)
-    assert restored.failed
-    failed = session_from_bytes(session_to_bytes(restored))
-    with pytest.raises(ProtocolError):
-        failed.unmask(request)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [b"", b"{", b"[]", b'{"format": "other"}', b'{"format": "fedrad-secagg-session/1"}'],
-)
-def test_malformed_saved_session_is_refused(data):
-    with pytest.raises(ProtocolError):
-        session_from_bytes(data)
-
-
-# ------------------------------------------------------------------------------ record codecs
-
-
-def _through_proto(fields):
-    proto = config_record_to_proto(ConfigRecord(fields))
-    return dict(config_record_from_proto(type(proto).FromString(proto.SerializeToString())))
-
-
-@pytest.fixture(scope="module")
-def transcript():
-    return _run_round()
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        KeyAdvertisement,
-        KeyBroadcast,
-        ShareKeys,
-        ShareDelivery,
-        MaskedInput,
-        UnmaskRequest,
-        UnmaskResponse,
-    ],
-)
-def test_every_stage_message_survives_a_flower_record(transcript, kind):
-    for message in transcript.messages[kind]:
-        decoded = message_from_fields(kind, _through_proto(message_to_fields(message)))
-
-        if kind is MaskedInput:
-            assert decoded.masked.dtype == message.masked.dtype
-            np.testing.assert_array_equal(decoded.masked, message.masked)
-            assert (decoded.round_id, decoded.sender) == (message.round_id, message.sender)
-        else:
-            assert decoded == message
-
-
-def _advert_fields(transcript):
-    return message_to_fields(transcript.messages[KeyAdvertisement][0])
-
-
-@pytest.mark.parametrize(
-    "mutate",
-    [
-        lambda f: f.pop("mask-key"),
-        lambda f: f.update({"extra": 1}),
-        lambda f: f.update({"message": "share-keys"}),
-        lambda f: f.update({"sender": True}),
-        lambda f: f.update({"sender": [1]}),
-        lambda f: f.update({"encryption-key": "not bytes"}),
-        lambda f: f.update({"round-id": 3}),
-    ],
-)
-def test_malformed_message_fields_are_refused(transcript, mutate):
-    fields = _advert_fields(transcript)
-    mutate(fields)
-
-    with pytest.raises(ProtocolError):
-        message_from_fields(KeyAdvertisement, fields)
-
-
-@pytest.mark.parametrize(
-    ("dtype", "data"), [("uint64", b"\x00" * 9), ("float64", b"\x00" * 8), ("int8", b"")]
-)
-def test_malformed_masked_vector_is_refused(transcript, dtype, data):
-    fields = message_to_fields(transcript.messages[MaskedInput][0])
-    fields.update({"masked": data, "masked-dtype": dtype})
-
-    with pytest.raises(ProtocolError):
-        message_from_fields(MaskedInput, fields)
-
-
-@pytest.mark.parametrize("kind", [KeyAdvertisement, ShareKeys, MaskedInput, UnmaskResponse])
-def test_reply_allow_list_takes_site_messages(transcript, kind):
-    check_reply_fields(message_to_fields(transcript.messages[kind][0]))
-
-
-@pytest.mark.parametrize("kind", [KeyBroadcast, ShareDelivery, UnmaskRequest])
-def test_reply_allow_list_refuses_coordinator_messages(transcript, kind):
-    with pytest.raises(ProtocolError):
-        check_reply_fields(message_to_fields(transcript.messages[kind][0]))
-
-
-def test_reply_allow_list_refuses_smuggled_fields(transcript):
-    fields = _advert_fields(transcript)
-    fields["patient-name"] = "DOE^JANE"
-
-    with pytest.raises(ProtocolError):
-        check_reply_fields(fields)
-
-
-def test_setup_and_invitation_round_trip():
-    setup = _setup()
-
-    fields = _through_proto(invitation_to_fields(setup, 4))
-
-    assert setup_from_bytes(setup_to_bytes(setup)) == setup
-    assert invitation_from_fields(fields) == (setup, 4)
-
-
-@pytest.mark.parametrize(
-    "data", [b"not json", b'{"format": "fedrad-secagg-setup/1"}', b'{"format": "x"}']
-)
-def test_malformed_setup_is_refused(data):
-    with pytest.raises(ProtocolError):
-        setup_from_bytes(data)
 
 
 # ---------------------------------------------------- whole rounds over an in-process Grid
@@ -455,7 +203,7 @@ def _app(train: Callable[[Message, Context], RecordDict] = fake_train) -> Client
 
 
 def _round(grid: Grid, *, threshold=3, clipping_range=0.5):
-    return secure_train_round(
+    return secure_round(
         grid,
         grid.get_node_ids(),
         server_round=3,
@@ -515,7 +263,7 @@ def test_evaluation_counts_are_summed_exactly_with_or_without_training(train):
         return fake_train(msg, context)
 
     grid = ProcessGrid(_app(counting_train), 5, vanish={("secagg_mask", 1)})
-    result = secure_train_round(
+    result = secure_round(
         grid,
         grid.get_node_ids(),
         server_round=3,
@@ -550,11 +298,12 @@ def test_secure_round_equals_fedavg_of_the_site_models():
     result = _round(grid)
 
     assert (result.status, result.contributors, result.dropped) == ("completed", 5, [])
+    assert result.aggregated == [f"node-{node}" for node in sorted(grid.contexts)]
     _assert_fedavg(result, _plain(grid, range(5)))
     assert all(SESSION_STATE not in c.state for c in grid.contexts.values())  # forgotten
     for reply in grid.replies:
-        assert list(reply.content) == [RECORD]
-        check_reply_fields(dict(reply.content[RECORD]))
+        assert list(reply.content) == [keys.SECAGG]
+        check_reply_fields(dict(reply.content[keys.SECAGG]))
 
 
 @pytest.mark.parametrize(
@@ -596,11 +345,11 @@ def _overlapping(action, partition, message):
     """A malicious coordinator: lists a survivor as dropped too in one unmask request."""
     if action != UNMASK_ACTION or partition != 0:
         return message
-    request = message_from_fields(UnmaskRequest, dict(message.content[RECORD]))
+    request = message_from_fields(UnmaskRequest, dict(message.content[keys.SECAGG]))
     other = next(s for s in request.survivors if s != request.receiver)
     forged = dataclasses.replace(request, dropped=(*request.dropped, other))
     return Message(
-        RecordDict({RECORD: ConfigRecord(message_to_fields(forged))}),
+        RecordDict({keys.SECAGG: ConfigRecord(message_to_fields(forged))}),
         dst_node_id=message.metadata.dst_node_id,
         message_type=message.metadata.message_type,
     )
@@ -635,7 +384,7 @@ def test_a_stage_message_without_a_round_is_refused():
     app = _app()
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     message = Message(
-        RecordDict({RECORD: ConfigRecord({"message": "key-broadcast"})}),
+        RecordDict({keys.SECAGG: ConfigRecord({"message": "key-broadcast"})}),
         dst_node_id=5,
         message_type=f"train.{SHARES_ACTION}",
     )
@@ -665,9 +414,9 @@ def _short_key(action, partition, content):
     """A broken site: advertises a mask key one byte short."""
     if action != KEYS_ACTION or partition != 1:
         return content
-    fields = dict(content[RECORD])
+    fields = dict(content[keys.SECAGG])
     fields["mask-key"] = fields["mask-key"][:-1]
-    return RecordDict({RECORD: ConfigRecord(fields)})
+    return RecordDict({keys.SECAGG: ConfigRecord(fields)})
 
 
 def test_a_malformed_reply_drops_its_site():
@@ -676,6 +425,7 @@ def test_a_malformed_reply_drops_its_site():
     result = _round(grid)
 
     assert result.status == "completed" and result.dropped == ["node-1001"]
+    assert result.aggregated == ["node-1000", "node-1002", "node-1003", "node-1004"]
     assert "dropped by the protocol" in result.failures["node-1001"]
     _assert_fedavg(result, _plain(grid, [0, 2, 3, 4]))
 

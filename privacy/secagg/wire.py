@@ -1,21 +1,18 @@
-"""Plain-value forms of a round, for Flower records and a site's state between messages.
+"""The wire codec of a round: plain values a Flower ConfigRecord can hold, and back.
 
-Flower carries only records of ints, floats, strings, bytes and lists of those, and in
-deployment every message starts a fresh ClientApp process, so a site's :class:`ClientSession`
-must survive in ``context.state`` between the four stages. This module turns the round setup,
-the stage messages and a session into such plain values and back, checking every field on
-the way in: what arrives from the coordinator is untrusted, and a malformed value raises
-:class:`~.errors.ProtocolError` (a refusal, never a crash).
+Flower carries only records of ints, floats, strings, bytes and lists of those. This module
+turns the round setup and the stage messages into such plain values and back, checking every
+field on the way in: what arrives is untrusted, and a malformed value raises
+:class:`~.errors.ProtocolError` (a refusal, never a crash). It also names the Flower train
+actions of the four stages and the loss entry of a site's masked vector, which both sides
+must agree on.
 
-A session's bytes hold its private keys and the shares it holds for its neighbours: they must
-stay on the site (Flower's ``context.state`` never leaves the node).
-
-Framework-free: plain dicts in, plain dicts out; the Flower adapters wrap them in records.
+Framework-free: plain dicts in, plain dicts out; the Flower adapters wrap them in records
+(under ``fedrad.core.keys.SECAGG``).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
@@ -23,8 +20,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import keys
-from .client import ClientSession
 from .errors import ConfigurationError, ProtocolError
 from .ids import NodeId, validate_ids
 from .messages import (
@@ -34,7 +29,6 @@ from .messages import (
     Message,
     ShareDelivery,
     ShareKeys,
-    ShareKind,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -44,20 +38,17 @@ __all__ = [
     "KEYS_ACTION",
     "LOSS_ARRAY",
     "MASK_ACTION",
-    "RECORD",
     "SHARES_ACTION",
     "UNMASK_ACTION",
     "LOSS_RANGE",
     "MESSAGE_FIELD",
-    "REPLY_MESSAGES",
     "FieldValue",
-    "check_reply_fields",
     "invitation_from_fields",
     "invitation_to_fields",
+    "load_json_object",
     "message_from_fields",
+    "message_kind",
     "message_to_fields",
-    "session_from_bytes",
-    "session_to_bytes",
     "setup_from_bytes",
     "setup_to_bytes",
 ]
@@ -66,9 +57,6 @@ FieldValue = int | float | str | bytes | bool | list[int] | list[str] | list[byt
 """A value a Flower ConfigRecord can hold (the kinds used here)."""
 
 M = TypeVar("M", bound=Message)
-
-RECORD = "secagg"
-"""The one ConfigRecord a secure-aggregation message carries, in both directions."""
 
 # Flower routes ``train.<action>`` to ``@app.train("<action>")``; an action must be a Python
 # identifier, hence the underscores.
@@ -95,7 +83,6 @@ sum of the sites' loss sums, with an error of at most ``total_weight * LOSS_RANG
 (2^bits - 1)``. A site whose mean loss exceeds it (a diverged model) refuses the round.
 """
 
-_SESSION_FORMAT = "fedrad-secagg-session/1"
 _SETUP_FORMAT = "fedrad-secagg-setup/2"
 _MAX_JSON_BYTES = 64 << 20
 
@@ -143,9 +130,6 @@ _SPECS: dict[type, tuple[str, dict[str, str]]] = {
 }
 _WORD_DTYPES: dict[str, np.dtype[Any]] = {"uint32": np.dtype("<u4"), "uint64": np.dtype("<u8")}
 
-REPLY_MESSAGES: tuple[type, ...] = (KeyAdvertisement, ShareKeys, MaskedInput, UnmaskResponse)
-"""The messages a site sends: the only contents its secure-aggregation replies may carry."""
-
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
@@ -153,6 +137,19 @@ def _key(name: str) -> str:
 
 def _dtype_key(name: str) -> str:
     return f"{_key(name)}-dtype"
+
+
+def message_kind(kind: type[Message]) -> str:
+    """Return the name the ``message`` field gives a stage message class on the wire.
+
+    Raises
+    ------
+    ProtocolError
+        If ``kind`` is not a stage message.
+    """
+    if kind not in _SPECS:
+        raise ProtocolError(f"{kind.__name__} is not a stage message.")
+    return _SPECS[kind][0]
 
 
 def message_to_fields(message: Message) -> dict[str, FieldValue]:
@@ -206,26 +203,6 @@ def message_from_fields(kind: type[M], fields: Mapping[str, Any]) -> M:
     return kind(**values)
 
 
-def check_reply_fields(fields: Mapping[str, Any]) -> None:
-    """Check that ``fields`` are exactly one message a site may send (its allow-list).
-
-    Raises
-    ------
-    ProtocolError
-        If the fields are not a well-formed key advertisement, share-keys, masked-input or
-        unmask-response message.
-    """
-    kinds = {_SPECS[kind][0]: kind for kind in REPLY_MESSAGES}
-    name = fields.get(MESSAGE_FIELD)
-    kind = kinds.get(name) if isinstance(name, str) else None
-    if kind is None:
-        raise ProtocolError(
-            f"A secure-aggregation reply must be one of {sorted(kinds)}, got "
-            f"{fields.get(MESSAGE_FIELD)!r}."
-        )
-    message_from_fields(kind, fields)
-
-
 def invitation_to_fields(setup: RoundSetup, participant: NodeId) -> dict[str, FieldValue]:
     """Return the first request of a round: the setup and the receiver's participant id."""
     return {
@@ -267,7 +244,7 @@ def setup_from_bytes(data: bytes) -> RoundSetup:
     ConfigurationError
         If the setup's parameters are invalid.
     """
-    raw = _load_json(data, _SETUP_FORMAT, "round setup")
+    raw = load_json_object(data, _SETUP_FORMAT, "round setup")
     names = {f.name for f in dataclasses.fields(RoundSetup)}
     if set(raw) != names:
         raise ProtocolError(f"A round setup must hold exactly {sorted(names)}.")
@@ -282,105 +259,15 @@ def setup_from_bytes(data: bytes) -> RoundSetup:
         raise ProtocolError(f"Malformed round setup: {error}") from error
 
 
-# ClientSession's attributes, read and set here so that the session class keeps no
-# persistence code. A new attribute must be added to both functions: to_bytes checks the set.
-_SESSION_ATTRIBUTES = frozenset(
-    {
-        "site_id",
-        "_min_threshold",
-        "_max_vector_length",
-        "_stage",
-        "_setup",
-        "_encryption_key",
-        "_mask_key",
-        "_peer_mask_keys",
-        "_peer_encryption_keys",
-        "_self_mask_seed",
-        "_held",
-        "_masking_peers",
-        "_released",
-        "_answered",
-    }
-)
-
-
-def session_to_bytes(session: ClientSession) -> bytes:
-    """Return everything ``session`` holds, its private keys included, as UTF-8 JSON.
-
-    Raises
-    ------
-    TypeError
-        If ClientSession has attributes this module does not know (update both together).
-    """
-    attributes = vars(session)
-    if set(attributes) != _SESSION_ATTRIBUTES:
-        raise TypeError(
-            "ClientSession's attributes changed: "
-            f"{sorted(set(attributes) ^ _SESSION_ATTRIBUTES)}; update privacy/secagg/state.py."
-        )
-    setup = attributes["_setup"]
-    answered = attributes["_answered"]
-    state = {
-        "format": _SESSION_FORMAT,
-        "site-id": session.site_id,
-        "min-threshold": attributes["_min_threshold"],
-        "max-vector-length": attributes["_max_vector_length"],
-        "stage": attributes["_stage"].name,
-        "setup": None if setup is None else setup_to_bytes(setup).decode("utf-8"),
-        "encryption-key": _b64(keys.private_bytes(attributes["_encryption_key"])),
-        "mask-key": _b64(keys.private_bytes(attributes["_mask_key"])),
-        "peer-mask-keys": [[p, _b64(k)] for p, k in attributes["_peer_mask_keys"].items()],
-        "peer-encryption-keys": [
-            [p, _b64(k)] for p, k in attributes["_peer_encryption_keys"].items()
-        ],
-        "self-mask-seed": _b64(attributes["_self_mask_seed"]),
-        "held": [[o, _b64(s), _b64(k)] for o, (s, k) in attributes["_held"].items()],
-        "masking-peers": sorted(attributes["_masking_peers"]),
-        "released": [[o, kind.value] for o, kind in attributes["_released"].items()],
-        "answered": None if answered is None else [sorted(answered[0]), sorted(answered[1])],
-    }
-    return json.dumps(state).encode("utf-8")
-
-
-def session_from_bytes(data: bytes) -> ClientSession:
-    """Rebuild the session :func:`session_to_bytes` saved, at the stage it had reached.
+def load_json_object(data: bytes, expected_format: str, what: str) -> dict[str, Any]:
+    """Return the JSON object in ``data``, without its ``format`` field, checking that format.
 
     Raises
     ------
     ProtocolError
-        If the bytes are not a saved session of this format.
+        If ``data`` is too large, not JSON, not an object or of another format; ``what``
+        names it in the message.
     """
-    raw = _load_json(data, _SESSION_FORMAT, "saved session")
-    try:
-        session = ClientSession(
-            raw["site-id"],
-            min_threshold=raw["min-threshold"],
-            max_vector_length=raw["max-vector-length"],
-        )
-        stage_type = type(vars(session)["_stage"])
-        setup = raw["setup"]
-        restored = {
-            "_stage": stage_type[raw["stage"]],
-            "_setup": None if setup is None else setup_from_bytes(setup.encode("utf-8")),
-            "_encryption_key": keys.load_private_key(_unb64(raw["encryption-key"])),
-            "_mask_key": keys.load_private_key(_unb64(raw["mask-key"])),
-            "_peer_mask_keys": {_id(p): _unb64(k) for p, k in raw["peer-mask-keys"]},
-            "_peer_encryption_keys": {_id(p): _unb64(k) for p, k in raw["peer-encryption-keys"]},
-            "_self_mask_seed": _unb64(raw["self-mask-seed"]),
-            "_held": {_id(o): (_unb64(s), _unb64(k)) for o, s, k in raw["held"]},
-            "_masking_peers": frozenset(validate_ids(raw["masking-peers"], what="peers")),
-            "_released": {_id(o): ShareKind(kind) for o, kind in raw["released"]},
-            "_answered": None
-            if raw["answered"] is None
-            else tuple(frozenset(validate_ids(ids, what="ids")) for ids in raw["answered"]),
-        }
-    except (KeyError, TypeError, ValueError, ConfigurationError) as error:
-        raise ProtocolError(f"Malformed saved session: {error!r}") from error
-    vars(session).update(restored)
-    return session
-
-
-def _load_json(data: bytes, expected_format: str, what: str) -> dict[str, Any]:
     if not isinstance(data, bytes) or len(data) > _MAX_JSON_BYTES:
         raise ProtocolError(f"A {what} must be at most {_MAX_JSON_BYTES} bytes of JSON.")
     try:
@@ -390,14 +277,6 @@ def _load_json(data: bytes, expected_format: str, what: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.pop("format", None) != expected_format:
         raise ProtocolError(f"A {what} must be a JSON object of format {expected_format!r}.")
     return raw
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
 
 
 def _id(value: object) -> NodeId:

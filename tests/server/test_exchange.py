@@ -2,7 +2,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedrad.core import keys
-from server.loop import _collect
+from server.exchange import collect_replies
 
 
 @pytest.fixture
@@ -21,15 +21,21 @@ def _sent(node: int) -> Message:
 
 def test_failures_are_filed_under_the_node_sent_to_not_the_replier(task_identity):
     sent = [_sent(11), _sent(22), _sent(33)]
-    ok = Message(RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 4}),
-                             keys.SITE: ConfigRecord({keys.SITE_ID: "site-1"})}),
-                 reply_to=sent[0])
+    ok = Message(
+        RecordDict(
+            {
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 4}),
+                keys.SITE: ConfigRecord({keys.SITE_ID: "site-1"}),
+            }
+        ),
+        reply_to=sent[0],
+    )
     # a vanished node's error reply is made by the SuperLink (node id 1), replying to m-22
     lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=sent[1])
     lost.metadata.__dict__["_src_node_id"] = 1
     names = {22: "site-2"}
 
-    collected = _collect(sent, [ok, lost], names)
+    collected = collect_replies(sent, [ok, lost], names)
 
     assert [m.metadata.reply_to_message_id for m in collected.ok] == ["m-11"]
     assert collected.failures == {
@@ -37,3 +43,4 @@ def test_failures_are_filed_under_the_node_sent_to_not_the_replier(task_identity
         "node-33": "no reply within round-timeout",
     }
     assert names[11] == "site-1"
+    assert collected.participants == ["site-1"]
