@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 
 KINDS = ("2d", "3d")
 MODEL_NAMES = ("cnn", "cnn-lstm", "transformer")
-"""The networks of ``models.MODELS`` (fedrad.core does not import models; a test keeps them equal)."""
+"""The names of ``models.MODELS``: fedrad.core does not import models; a test keeps them equal."""
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 OPTIMIZER_NAMES = ("sgd", "adam")
 DP_MODES = ("off", "sample", "client")
@@ -305,4 +305,3 @@ class NodeConfig:
     def from_user_config(cls, raw: Mapping[str, Any]) -> NodeConfig:
         """Parse Flower's ``context.node_config``; unknown keys are rejected with a hint."""
         return _from_mapping(cls, raw, what="node-config", strict=True)
-
