@@ -145,6 +145,7 @@ class Federation:
         self.run_dir = run_dir
         self.strategy = build_strategy(config)
         self.spec = model_spec(config)
+        self.client_plan = ClientDPPlan.from_run_config(config) if config.dp == "client" else None
         self.site_names: dict[int, str] = {}
 
     def _site_config(self, server_round: int, split: str | None = None) -> ConfigRecord:
@@ -334,9 +335,9 @@ class Federation:
         noise multiplier is the one every site derives from the run config; no amplification
         by the choice of sites is claimed, so this is the spend of a site in every round.
         """
-        if self.config.dp != "client":
+        plan = self.client_plan  # resolved once per run, in __init__
+        if plan is None:
             return {}
-        plan = ClientDPPlan.from_run_config(self.config.to_user_config())
         epsilon = planned_client_epsilon(
             noise_multiplier=plan.noise_multiplier, rounds=server_round, delta=plan.delta
         )
