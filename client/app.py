@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from flwr.clientapp import ClientApp
-from torch.utils.data import Dataset
 
 from client.dataset import SiteDataset
 from client.disclosure import subgroup_counts
@@ -25,7 +25,7 @@ from client.secagg import register as register_secagg
 from client.site import Site, resolve_site, site_dataset
 from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, train_local
 from fedrad.core import evalsums, keys
-from fedrad.core.config import RunConfig
+from fedrad.core.config import NodeConfig, RunConfig
 from fedrad.core.errors import FedradError
 from models import DP_GRAD_SAMPLE_MODES, ModelSpec
 from privacy import (
@@ -33,7 +33,6 @@ from privacy import (
     DPRequest,
     PrivacyLedger,
     PrivacyRefused,
-    SiteLimits,
     check_client_round,
     privatize_update,
     resolve_dp,
@@ -47,30 +46,52 @@ ERROR_CODE_FEDRAD = 100
 app = ClientApp()
 
 
-def _request(msg: Message, context: Context) -> tuple[Site, RunConfig, torch.nn.Module]:
-    site = resolve_site(context.node_config, context.run_config)
+Handler = Callable[[Message, Context, Site], RecordDict]
+"""A handler of one message at this site (the site parsed once from the node config)."""
+
+
+def _site(context: Context) -> Site:
+    """Parse the node config (once per message) and find this node's site."""
+    node = NodeConfig.from_user_config(context.node_config)
+    return resolve_site(node, sites_dir=str(context.run_config.get("sites-dir", "")))
+
+
+def _config_number(record: ConfigRecord, key: str, default: float | None = None) -> float:
+    """A number the coordinator sent in the message's config record."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FedradError(f"the request's '{key}' must be a number, got {value!r}.")
+    return float(value)
+
+
+def _config_int(record: ConfigRecord, key: str, default: int | None = None) -> int:
+    """An integer the coordinator sent in the message's config record."""
+    return int(_config_number(record, key, default))
+
+
+def _request(msg: Message, site: Site) -> tuple[RunConfig, torch.nn.Module]:
     if site.num_threads > 0:
         torch.set_num_threads(site.num_threads)
-    config_record = msg.content[keys.CONFIG]
+    config_record = msg.content.config_records[keys.CONFIG]
     config = RunConfig.from_user_config(
         {k: v for k, v in config_record.items() if k not in _NON_RUN_KEYS}, strict=False
     )
     spec = ModelSpec.from_dict(json.loads(str(config_record[keys.MODEL_SPEC])))
     model = spec.build()
-    model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
-    return site, config, model
+    model.load_state_dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+    return config, model
 
 
 _NON_RUN_KEYS = frozenset({keys.SERVER_ROUND, keys.MODEL_SPEC, keys.SPLIT})
 
 
-def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[..., Message]:
+def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
     """Run a handler; turn fedrad's own errors into an error reply with the reason."""
 
     def wrapper(msg: Message, context: Context) -> Message:
         try:
-            content = handler(msg, context)
-            site = resolve_site(context.node_config, context.run_config)
+            site = _site(context)
+            content = handler(msg, context, site)
             check_reply(content, min_cell_count=site.min_cell_count)
         except FedradError as exc:
             log.error("refusing %s request: %s", msg.metadata.message_type, exc)
@@ -83,9 +104,15 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[...,
 
 
 def _train(msg: Message, context: Context) -> RecordDict:
-    site, config, model = _request(msg, context)
+    """Local training of one message (also the SecAgg+ key step's training)."""
+    return _train_site(msg, context, _site(context))
+
+
+def _train_site(msg: Message, context: Context, site: Site) -> RecordDict:
+    config, model = _request(msg, site)
     dataset = site_dataset(site, config).subset("train")
-    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
+    config_record = msg.content.config_records[keys.CONFIG]
+    server_round = _config_int(config_record, keys.SERVER_ROUND)
     settings = TrainSettings(
         local_epochs=config.local_epochs,
         learning_rate=config.learning_rate,
@@ -93,7 +120,7 @@ def _train(msg: Message, context: Context) -> RecordDict:
         optimizer=config.optimizer,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
-        proximal_mu=float(msg.content[keys.CONFIG].get(keys.PROXIMAL_MU, 0.0))
+        proximal_mu=_config_number(config_record, keys.PROXIMAL_MU, 0.0)
         if config.strategy == "fedprox"
         else 0.0,
         seed=config.seed * 100_003 + server_round,
@@ -101,11 +128,12 @@ def _train(msg: Message, context: Context) -> RecordDict:
     if len(dataset) == 0:
         raise FedradError(f"site {site.site_id} has no training samples (split 'train').")
     metrics: dict[str, int | float] = {}
+    sums: TrainSums
     if config.dp == "sample":
-        sums = _train_dp(msg, context, site, config, model, dataset, settings)
-        metrics = {keys.EPSILON: sums.epsilon, keys.DELTA: sums.delta}
+        dp_sums = _train_dp(context, site, config, model, dataset, settings, server_round)
+        sums, metrics = dp_sums, {keys.EPSILON: dp_sums.epsilon, keys.DELTA: dp_sums.delta}
     elif config.dp == "client":
-        sums, metrics = _train_client_dp(msg, site, config, model, dataset, settings)
+        sums, metrics = _train_client_dp(msg, site, config, model, dataset, settings, server_round)
     else:
         sums = train_local(model, dataset, settings)
     return RecordDict(
@@ -125,32 +153,30 @@ def _train(msg: Message, context: Context) -> RecordDict:
 
 
 def _train_dp(
-    msg: Message,
     context: Context,
     site: Site,
     config: RunConfig,
     model: torch.nn.Module,
-    dataset: Dataset[tuple[torch.Tensor, int]],
+    dataset: SiteDataset,
     settings: TrainSettings,
+    server_round: int,
 ) -> DPTrainSums:
     """One round of DP-SGD; the site's own ceilings and ledger decide whether it may train.
 
     The sampling and noise draw on OS randomness: a seed the coordinator knows would let it
     subtract the noise.
     """
-    request = DPRequest.from_run_config(config.to_user_config())
-    limits = SiteLimits(max_epsilon=site.max_epsilon, max_delta=site.max_delta)
+    request = DPRequest.from_run_config(config)
     ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
     run_id = str(context.run_id)
     plan = resolve_dp(
         request,
-        limits,
+        site.limits,
         num_train_samples=len(dataset),
         batch_size=config.batch_size,
         study_delta=ledger.delta,
         prior_history=ledger.history_before(run_id),
     )
-    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     return train_local_dp(
         model,
         dataset,
@@ -168,8 +194,9 @@ def _train_client_dp(
     site: Site,
     config: RunConfig,
     model: torch.nn.Module,
-    dataset: Dataset[tuple[torch.Tensor, int]],
+    dataset: SiteDataset,
     settings: TrainSettings,
+    server_round: int,
 ) -> tuple[TrainSums, dict[str, int | float]]:
     """Train, then clip the update and add this site's noise share (distributed DP).
 
@@ -177,18 +204,17 @@ def _train_client_dp(
     round is recorded before the noised update is returned. Sites weigh equally under
     client-level DP: the reply's example count is 1.
     """
-    shares = int(msg.content[keys.CONFIG].get(keys.NOISE_SHARES, 0))
+    shares = _config_int(msg.content.config_records[keys.CONFIG], keys.NOISE_SHARES, 0)
     if shares < 1:
         raise PrivacyRefused(
             "dp 'client' needs secure aggregation: alone, this site's update would carry only "
             "its share of the noise. Refusing to send it in the clear."
         )
-    plan = ClientDPPlan.from_run_config(config.to_user_config())
-    limits = SiteLimits(max_epsilon=site.max_epsilon, max_delta=site.max_delta)
+    plan = ClientDPPlan.from_run_config(config)
     ledger = PrivacyLedger.open(
         site.ledger_root, study_id=plan.study_id, site_id=site.site_id, level="client"
     )
-    check_client_round(plan=plan, limits=limits, ledger=ledger)  # before spending compute
+    check_client_round(plan=plan, limits=site.limits, ledger=ledger)  # before spending compute
     start = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     sums = train_local(model, dataset, settings)
     trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -197,9 +223,9 @@ def _train_client_dp(
         trained,
         plan=plan,
         noise_shares=shares,
-        limits=limits,
+        limits=site.limits,
         ledger=ledger,
-        server_round=int(msg.content[keys.CONFIG][keys.SERVER_ROUND]),
+        server_round=server_round,
         run_id=str(msg.metadata.run_id),
     )
     model.load_state_dict({k: torch.from_numpy(v) for k, v in private.arrays.items()})
@@ -208,19 +234,19 @@ def _train_client_dp(
     ), {keys.EPSILON: private.epsilon, keys.DELTA: private.delta}
 
 
-def _evaluate_split(msg: Message, context: Context) -> tuple[Site, SiteDataset, EvalSums]:
+def _evaluate_split(msg: Message, site: Site) -> tuple[SiteDataset, EvalSums]:
     """Evaluate the message's model on the split it names (``val`` unless it says)."""
-    site, config, model = _request(msg, context)
-    split = str(msg.content[keys.CONFIG].get(keys.SPLIT, "val"))
+    config, model = _request(msg, site)
+    split = str(msg.content.config_records[keys.CONFIG].get(keys.SPLIT, "val"))
     dataset = site_dataset(site, config).subset(split)
     if len(dataset) == 0:
         raise FedradError(f"site {site.site_id} has no samples in split '{split}'.")
-    return site, dataset, evaluate_local(model, dataset)
+    return dataset, evaluate_local(model, dataset)
 
 
 def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
     """The evaluation sums of the message's model as secure-aggregation counts."""
-    _, _, sums = _evaluate_split(msg, context)
+    _, sums = _evaluate_split(msg, _site(context))
     return evalsums.to_counts(
         {
             keys.NUM_EXAMPLES: sums.num_examples,
@@ -232,8 +258,11 @@ def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
     )
 
 
-def _evaluate(msg: Message, context: Context) -> RecordDict:
-    site, dataset, sums = _evaluate_split(msg, context)
+def _evaluate(msg: Message, context: Context, site: Site) -> RecordDict:
+    dataset, sums = _evaluate_split(msg, site)
+    cells: dict[str, ConfigRecordValues] = dict(
+        subgroup_counts((s.attributes for s in dataset.samples), min_cell_count=site.min_cell_count)
+    )
     return RecordDict(
         {
             keys.METRICS: MetricRecord(
@@ -245,15 +274,11 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
                 }
             ),
             keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
-            keys.SUBGROUPS: ConfigRecord(
-                subgroup_counts(
-                    (s.attributes for s in dataset.samples), min_cell_count=site.min_cell_count
-                )
-            ),
+            keys.SUBGROUPS: ConfigRecord(cells),
         }
     )
 
 
-train = app.train()(_guarded(_train))
+train = app.train()(_guarded(_train_site))
 evaluate = app.evaluate()(_guarded(_evaluate))
 register_secagg(app, _train, _evaluation_counts)  # SecAgg+ stages; they catch their own errors

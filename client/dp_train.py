@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine  # type: ignore[import-untyped]
-from opacus.optimizers import DPOptimizer  # type: ignore[import-untyped]
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -201,7 +201,10 @@ def train_local_dp(
 
 
 def _run_epochs(
-    model: nn.Module, optimizer: DPOptimizer, loader: DataLoader, epochs: int
+    model: nn.Module,
+    optimizer: DPOptimizer,
+    loader: DataLoader[tuple[torch.Tensor, int]],
+    epochs: int,
 ) -> tuple[float, int]:
     """Run the DP-SGD steps; every sampled batch is a step, the empty ones too (noise only)."""
     criterion = nn.CrossEntropyLoss()

@@ -6,10 +6,8 @@ Framework-free: the Flower adapter in ``client/app.py`` turns records into these
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from client.cache import default_cache_root
 from client.dataset import IngestSettings, SiteDataset, load_site
@@ -17,6 +15,7 @@ from client.transforms import TransformConfig
 from fedrad.core.config import NodeConfig, RunConfig
 from fedrad.core.errors import DataError
 from fedrad.core.sites import list_site_dirs
+from privacy import SiteLimits
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,7 @@ class Site:
     cache_root: Path
     ingest_workers: int
     ledger_root: Path
-    max_epsilon: float
-    max_delta: float
+    limits: SiteLimits
 
 
 def default_ledger_root() -> Path:
@@ -52,43 +50,37 @@ def _site(node: NodeConfig, data_dir: Path, cache: Path, ledger: Path) -> Site:
         cache_root=cache,
         ingest_workers=node.ingest_workers,
         ledger_root=ledger,
-        max_epsilon=node.max_epsilon,
-        max_delta=node.max_delta,
+        limits=SiteLimits.from_node_config(node),
     )
 
 
-def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
-    """Find this node's data folder: ``data-dir`` in deployment, the partition in simulation."""
-    node = NodeConfig.from_user_config(node_config)
+def resolve_site(node: NodeConfig, *, sites_dir: str) -> Site:
+    """Find this node's data folder: ``data-dir`` in deployment, the partition in simulation.
+
+    ``sites_dir`` is the ``sites-dir`` of the node's own run config (simulation only).
+    """
     if node.data_dir:
         data_dir = Path(node.data_dir).expanduser()
         cache = Path(node.cache_dir).expanduser() if node.cache_dir else default_cache_root()
         ledger = Path(node.ledger_dir).expanduser() if node.ledger_dir else default_ledger_root()
         return _site(node, data_dir, cache, ledger)
     if node.partition_id >= 0:
-        raw = str(run_config.get("sites-dir", ""))
-        if not raw:
+        if not sites_dir:
             raise DataError(
                 "The run config names no sites-dir, so this simulated site has no data. Write a "
                 "consortium first ('fedrad synth runs/demo/sites --sites 4') and name it: "
                 "flwr run . -c \"sites-dir='runs/demo/sites'\" (or use 'fedrad demo')."
             )
-        sites_dir = Path(raw).expanduser()
-        sites = list_site_dirs(sites_dir)
+        root = Path(sites_dir).expanduser()
+        sites = list_site_dirs(root)
         if node.partition_id >= len(sites):
             raise DataError(
-                f"Partition {node.partition_id} has no site folder: {sites_dir} holds "
+                f"Partition {node.partition_id} has no site folder: {root} holds "
                 f"{len(sites)} site(s). Run the simulation with as many supernodes as sites."
             )
         data_dir = sites[node.partition_id]
-        cache = (
-            Path(node.cache_dir).expanduser()
-            if node.cache_dir
-            else simulation_cache_root(sites_dir)
-        )
-        ledger = (
-            Path(node.ledger_dir).expanduser() if node.ledger_dir else sites_dir / ".fedrad-ledger"
-        )
+        cache = Path(node.cache_dir).expanduser() if node.cache_dir else simulation_cache_root(root)
+        ledger = Path(node.ledger_dir).expanduser() if node.ledger_dir else root / ".fedrad-ledger"
         return _site(node, data_dir, cache, ledger)
     raise DataError(
         "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."

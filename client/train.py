@@ -142,8 +142,3 @@ def load_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
             f"unexpected {sorted(extra)[:3]}; check that server and site run the same model."
         )
     model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
-
-
-def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
-    """Return the model's state dict as numpy arrays."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -36,7 +36,8 @@ _ACT = ("relu", {"inplace": False})
 def _norm(spatial_dims: int, channels: int) -> nn.Module:
     # Up to 8 groups; the gcd always divides the width, so any width is accepted.
     groups = math.gcd(channels, 8)
-    return get_norm_layer(("group", {"num_groups": groups}), spatial_dims, channels)
+    layer: nn.Module = get_norm_layer(("group", {"num_groups": groups}), spatial_dims, channels)
+    return layer
 
 
 class ResidualBlock(nn.Module):
@@ -74,7 +75,9 @@ class ResidualBlock(nn.Module):
         """Return ``act(norm(conv(act(norm(conv(x))))) + shortcut(x))``."""
         out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        return self.act2(out + self.shortcut(x))  # out of place: Opacus hooks forbid "+="
+        # out of place: Opacus hooks forbid "+="
+        result: torch.Tensor = self.act2(out + self.shortcut(x))
+        return result
 
 
 _POOLS = {
@@ -160,7 +163,8 @@ class ResNetClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits ``(B, num_classes)``."""
-        return self.head(self.encoder(x))
+        logits: torch.Tensor = self.head(self.encoder(x))
+        return logits
 
 
 def check_widths(widths: Sequence[int], image_size: Sequence[int]) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from opacus.layers import DPLSTM  # type: ignore[import-untyped]
+from opacus.layers import DPLSTM
 from torch import nn
 
 from models.checks import check_common_args, check_positive_int
@@ -69,7 +69,8 @@ class CNNLSTMClassifier(nn.Module):
         steps = [self.encoder(x[:, :, t]) for t in range(x.shape[2])]
         sequence = torch.stack(steps, dim=1)  # (B, D, features)
         output, _ = self.lstm(sequence)
-        return self.head(output[:, -1])
+        logits: torch.Tensor = self.head(output[:, -1])
+        return logits
 
 
 def build_cnn_lstm(

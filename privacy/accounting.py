@@ -5,6 +5,7 @@ An accountant history is Opacus' own record of a DP-SGD run: a list of
 and sample rate merged into one entry (as ``RDPAccountant.step`` does). It is independent of
 the accountant that turns it into epsilon, so one history serves both ``rdp`` and ``prv``.
 Epsilon is always computed by an Opacus accountant fed the whole history: it is cumulative.
+Opacus (and with it torch) is imported on first use, so ``import privacy`` stays light.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant  # type: ignore[import-untyped]
-from opacus.accountants.analysis import rdp as rdp_analysis  # type: ignore[import-untyped]
-from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
 
 from fedrad.core.errors import FedradError
 
@@ -179,6 +177,8 @@ def compute_epsilon(history: Sequence[Sequence[object]], *, delta: float, accoun
         return 0.0
     if accountant == "rdp":
         return _rdp_epsilon(merged, delta)
+    from opacus.accountants import create_accountant
+
     engine = create_accountant(mechanism=accountant)
     engine.history = list(merged)
     return float(engine.get_epsilon(delta=delta))
@@ -187,7 +187,10 @@ def compute_epsilon(history: Sequence[Sequence[object]], *, delta: float, accoun
 @lru_cache(maxsize=1024)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one step at Opacus' default orders; computing it is most of RDP's cost."""
-    rdp = rdp_analysis.compute_rdp(
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    rdp: np.ndarray = rdp_analysis.compute_rdp(
         q=sample_rate,
         noise_multiplier=noise_multiplier,
         steps=1,
@@ -203,6 +206,9 @@ def _rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
     Ledgers recompute the epsilon after every recorded round when they open; with the
     per-step RDP cached that costs microseconds per round instead of a tenth of a second.
     """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = sum([_rdp_per_step(noise, rate) * steps for noise, rate, steps in history])
     eps, _ = rdp_analysis.get_privacy_spent(
         orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
@@ -233,6 +239,8 @@ def noise_multiplier_for(
     _check_accountant(accountant)
     prior = merge_history(prior_history)
     if not prior:
+        from opacus.accountants.utils import get_noise_multiplier
+
         try:
             return float(
                 get_noise_multiplier(

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedrad.core.errors import ConfigError
+from fedrad.core.config import RunConfig
 from privacy.accounting import (
     BudgetExhausted,
     HistoryEntry,
@@ -35,17 +35,8 @@ from privacy.accounting import (
     client_level_epsilon,
     noise_multiplier_for,
 )
-from privacy.dp import (
-    ConfigValue,
-    SiteLimits,
-    _count,
-    _lookup,
-    _positive,
-    _probability,
-    check_identifier,
-    clip_update,
-    noise_share,
-)
+from privacy.checks import check_count, check_identifier, check_positive, check_probability
+from privacy.dp import SiteLimits, clip_update, noise_share
 from privacy.ledger import PrivacyLedger
 
 __all__ = [
@@ -133,11 +124,11 @@ class ClientDPPlan:
 
     def __post_init__(self) -> None:
         check_identifier("study-id", self.study_id)
-        _positive("target-epsilon", self.target_epsilon)
-        _probability("delta", self.delta)
-        _positive("noise-multiplier", self.noise_multiplier)
-        _positive("max-grad-norm", self.clip_norm)
-        _count("num-server-rounds", self.planned_rounds)
+        check_positive("target-epsilon", self.target_epsilon)
+        check_probability("delta", self.delta)
+        check_positive("noise-multiplier", self.noise_multiplier)
+        check_positive("max-grad-norm", self.clip_norm)
+        check_count("num-server-rounds", self.planned_rounds)
 
     @property
     def round_entry(self) -> HistoryEntry:
@@ -145,40 +136,34 @@ class ClientDPPlan:
         return (self.noise_multiplier, SITE_SAMPLE_RATE, 1)
 
     @classmethod
-    def from_run_config(cls, values: Mapping[str, ConfigValue]) -> ClientDPPlan:
-        """Resolve the plan from kebab-case run-config values.
+    def from_run_config(cls, config: RunConfig) -> ClientDPPlan:
+        """Resolve the plan of a parsed run config.
 
-        Reads ``study-id``, ``target-epsilon``, ``max-grad-norm``, ``num-server-rounds`` and
-        optionally ``noise-multiplier`` (0 or absent: derive it) and ``delta`` (0 or absent:
-        :data:`CLIENT_LEVEL_DELTA`).
+        A ``noise-multiplier`` of 0 derives the multiplier from ``target-epsilon``, ``delta``
+        and ``num-server-rounds``; a ``delta`` of 0 means :data:`CLIENT_LEVEL_DELTA`.
 
         Raises
         ------
         ConfigError
-            If a value is missing or out of range.
+            If a value is out of range.
         BudgetExhausted
             If no noise multiplier fits the target.
         """
-        where = "run config ([tool.flwr.app.config] or flwr run -c)"
-        study_id = str(_lookup(values, "study-id", str, where))
-        target = float(_lookup(values, "target-epsilon", float, where))
-        rounds = int(_lookup(values, "num-server-rounds", int, where))
-        noise = float(_lookup(values, "noise-multiplier", float, where, 0.0))
-        delta = float(_lookup(values, "delta", float, where, 0.0)) or CLIENT_LEVEL_DELTA
-        _positive("target-epsilon", target)
-        _probability("delta", delta)
-        _count("num-server-rounds", rounds)
-        if noise < 0:
-            raise ConfigError(f"'noise-multiplier' must be 0 (derive) or positive, got {noise}.")
+        delta = config.delta or CLIENT_LEVEL_DELTA
+        check_positive("target-epsilon", config.target_epsilon)
+        check_probability("delta", delta)
+        check_count("num-server-rounds", config.num_server_rounds)
+        noise = config.noise_multiplier or client_noise_multiplier(
+            target_epsilon=config.target_epsilon, delta=delta, rounds=config.num_server_rounds
+        )
         return cls(
-            study_id=study_id,
-            target_epsilon=target,
+            study_id=config.study_id,
+            target_epsilon=config.target_epsilon,
             delta=delta,
-            noise_multiplier=noise
-            or client_noise_multiplier(target_epsilon=target, delta=delta, rounds=rounds),
-            clip_norm=float(_lookup(values, "max-grad-norm", float, where)),
-            planned_rounds=rounds,
-            derived=noise == 0,
+            noise_multiplier=noise,
+            clip_norm=config.max_grad_norm,
+            planned_rounds=config.num_server_rounds,
+            derived=config.noise_multiplier == 0,
         )
 
 

@@ -11,12 +11,12 @@ update and :func:`noise_share` draws that site's share of the Gaussian noise.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedrad.core.config import NodeConfig, RunConfig
 from fedrad.core.errors import ConfigError
 from privacy.accounting import (
     ACCOUNTANTS,
@@ -24,6 +24,7 @@ from privacy.accounting import (
     PrivacyRefused,
     noise_multiplier_for,
 )
+from privacy.checks import check_count, check_identifier, check_positive, check_probability
 
 __all__ = [
     "DPPlan",
@@ -34,52 +35,6 @@ __all__ = [
     "noise_share",
     "resolve_dp",
 ]
-
-_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ConfigValue = bool | int | float | str
-
-
-def check_identifier(what: str, value: str) -> None:
-    """Raise ConfigError unless ``value`` is a safe study or site identifier (also a file name)."""
-    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
-        raise ConfigError(
-            f"'{what}' must be 1 to 128 letters, digits, '.', '_' or '-' (starting with a letter "
-            f"or digit), got {value!r}. Set '{what}' to a name such as 'chest-xray-2026'."
-        )
-
-
-def _positive(key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"'{key}' must be a number, got {value!r}.")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"'{key}' must be a positive finite number, got {value!r}.")
-
-
-def _probability(key: str, value: float) -> None:
-    _positive(key, value)
-    if not value < 1:
-        raise ConfigError(f"'{key}' must be below 1 (typically far below 1/N), got {value!r}.")
-
-
-def _count(key: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"'{key}' must be a positive integer, got {value!r}.")
-
-
-def _lookup(
-    values: Mapping[str, ConfigValue],
-    key: str,
-    kind: type,
-    where: str,
-    default: ConfigValue | None = None,
-) -> ConfigValue:
-    if key not in values and default is None:
-        raise ConfigError(f"'{key}' is required for differential privacy; set it in the {where}.")
-    raw = values.get(key, default)
-    try:
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"'{key}' must be {kind.__name__}, got {raw!r}.") from None
 
 
 @dataclass(frozen=True)
@@ -117,45 +72,41 @@ class DPRequest:
 
     def __post_init__(self) -> None:
         check_identifier("study-id", self.study_id)
-        _positive("target-epsilon", self.target_epsilon)
-        _positive("max-grad-norm", self.max_grad_norm)
-        _count("local-epochs", self.local_epochs)
+        check_positive("target-epsilon", self.target_epsilon)
+        check_positive("max-grad-norm", self.max_grad_norm)
+        check_count("local-epochs", self.local_epochs)
         if self.planned_rounds is not None:
-            _count("num-server-rounds", self.planned_rounds)
+            check_count("num-server-rounds", self.planned_rounds)
         if self.noise_multiplier is not None:
-            _positive("noise-multiplier", self.noise_multiplier)
+            check_positive("noise-multiplier", self.noise_multiplier)
         elif self.planned_rounds is None:
             raise ConfigError(
                 "Give either 'noise-multiplier' or the planned number of rounds "
                 "('num-server-rounds') from which the noise multiplier is derived."
             )
         if self.delta is not None:
-            _probability("delta", self.delta)
+            check_probability("delta", self.delta)
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(
                 f"'dp-accountant' must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}."
             )
 
     @classmethod
-    def from_run_config(cls, values: Mapping[str, ConfigValue]) -> DPRequest:
-        """Build a request from kebab-case run-config values.
+    def from_run_config(cls, config: RunConfig) -> DPRequest:
+        """Build the request of a parsed run config.
 
-        Reads ``study-id``, ``target-epsilon``, ``max-grad-norm``, ``local-epochs``,
-        ``num-server-rounds``, and optionally ``noise-multiplier`` and ``delta`` (0 or absent:
-        derive / default) and ``dp-accountant`` (default ``rdp``).
+        A ``noise-multiplier`` or ``delta`` of 0 means unset (None): derived from the plan and
+        the target epsilon, or the study's / the site's default delta.
         """
-        where = "run config ([tool.flwr.app.config] or flwr run -c)"
-        noise = float(_lookup(values, "noise-multiplier", float, where, 0.0))
-        delta = float(_lookup(values, "delta", float, where, 0.0))
         return cls(
-            study_id=str(_lookup(values, "study-id", str, where)),
-            target_epsilon=float(_lookup(values, "target-epsilon", float, where)),
-            max_grad_norm=float(_lookup(values, "max-grad-norm", float, where)),
-            local_epochs=int(_lookup(values, "local-epochs", int, where)),
-            planned_rounds=int(_lookup(values, "num-server-rounds", int, where)),
-            noise_multiplier=noise if noise > 0 else None,
-            delta=delta if delta > 0 else None,
-            accountant=str(_lookup(values, "dp-accountant", str, where, "rdp")),
+            study_id=config.study_id,
+            target_epsilon=config.target_epsilon,
+            max_grad_norm=config.max_grad_norm,
+            local_epochs=config.local_epochs,
+            planned_rounds=config.num_server_rounds,
+            noise_multiplier=config.noise_multiplier or None,
+            delta=config.delta or None,
+            accountant=config.dp_accountant,
         )
 
 
@@ -175,17 +126,13 @@ class SiteLimits:
     max_delta: float
 
     def __post_init__(self) -> None:
-        _positive("max-epsilon", self.max_epsilon)
-        _probability("max-delta", self.max_delta)
+        check_positive("max-epsilon", self.max_epsilon)
+        check_probability("max-delta", self.max_delta)
 
     @classmethod
-    def from_node_config(cls, values: Mapping[str, ConfigValue]) -> SiteLimits:
-        """Read ``max-epsilon`` and ``max-delta`` from a site's node config; both are required."""
-        where = "site's node config (--node-config or the site TOML file)"
-        return cls(
-            max_epsilon=float(_lookup(values, "max-epsilon", float, where)),
-            max_delta=float(_lookup(values, "max-delta", float, where)),
-        )
+    def from_node_config(cls, node: NodeConfig) -> SiteLimits:
+        """The ceilings of a site's parsed node config (``max-epsilon``, ``max-delta``)."""
+        return cls(max_epsilon=node.max_epsilon, max_delta=node.max_delta)
 
     def check(self, *, epsilon: float, delta: float) -> None:
         """Raise PrivacyRefused if ``(epsilon, delta)`` exceeds this site's ceilings."""
@@ -233,7 +180,7 @@ class DPPlan:
 
 def default_delta(num_train_samples: int) -> float:
     """Return the default delta, 1 / (10 N): well below the 1/N at which DP means nothing."""
-    _count("num_train_samples", num_train_samples)
+    check_count("num_train_samples", num_train_samples)
     return 1.0 / (10 * num_train_samples)
 
 
@@ -299,8 +246,8 @@ def resolve_dp(
     BudgetExhausted
         If a noise multiplier must be derived and no value fits what is left of the budget.
     """
-    _count("num_train_samples", num_train_samples)
-    _count("batch-size", batch_size)
+    check_count("num_train_samples", num_train_samples)
+    check_count("batch-size", batch_size)
     delta = _choose_delta(request, limits, num_train_samples, study_delta)
     limits.check(epsilon=request.target_epsilon, delta=delta)
     sample_rate = 1.0 / math.ceil(num_train_samples / batch_size)  # 1 / len(DataLoader)
@@ -345,7 +292,7 @@ def clip_update(
     tuple[dict[str, np.ndarray], float]
         The clipped copies (float64) and the original norm (keep it local: it is not private).
     """
-    _positive("clip-norm", clip_norm)
+    check_positive("clip-norm", clip_norm)
     arrays = {}
     for name, value in update.items():
         array = np.asarray(value)
@@ -387,8 +334,8 @@ def noise_share(
     dict[str, np.ndarray]
         Float64 noise arrays with the given shapes, to add to the clipped update.
     """
-    _positive("noise-multiplier", noise_multiplier)
-    _positive("clip-norm", clip_norm)
-    _count("num_sites", num_sites)
+    check_positive("noise-multiplier", noise_multiplier)
+    check_positive("clip-norm", clip_norm)
+    check_count("num_sites", num_sites)
     std = noise_multiplier * clip_norm / math.sqrt(num_sites)
     return {name: rng.normal(0.0, std, size=tuple(shape)) for name, shape in shapes.items()}

@@ -41,7 +41,8 @@ from privacy.accounting import (
     merge_history,
     validate_history_entry,
 )
-from privacy.dp import DPPlan, check_identifier
+from privacy.checks import check_identifier
+from privacy.dp import DPPlan
 
 try:  # POSIX: serialise writers of one ledger; elsewhere the digest check still catches races
     import fcntl

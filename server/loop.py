@@ -51,6 +51,7 @@ class Federation:
         self.run_dir = run_dir
         self.strategy = build_strategy(config)
         self.spec = model_spec(config)
+        self.client_plan = ClientDPPlan.from_run_config(config) if config.dp == "client" else None
         self.site_names: dict[int, str] = {}
         self.participants: set[str] = set()
         """The sites that took part so far (names, or ``node-<id>`` under SecAgg+)."""
@@ -209,9 +210,9 @@ class Federation:
         noise multiplier is the one every site derives from the run config; no amplification
         by the choice of sites is claimed, so this is the spend of a site in every round.
         """
-        if self.config.dp != "client":
+        plan = self.client_plan  # resolved once per run, in __init__
+        if plan is None:
             return {}
-        plan = ClientDPPlan.from_run_config(self.config.to_user_config())
         epsilon = planned_client_epsilon(
             noise_multiplier=plan.noise_multiplier, rounds=server_round, delta=plan.delta
         )

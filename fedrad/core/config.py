@@ -21,6 +21,8 @@ SCHEMA_VERSION = 1
 """Version of the run-directory layout and of the resolved-configuration record."""
 
 KINDS = ("2d", "3d")
+MODEL_NAMES = ("cnn", "cnn-lstm", "transformer")
+"""The names of ``models.MODELS``: fedrad.core does not import models; a test keeps them equal."""
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 OPTIMIZER_NAMES = ("sgd", "adam")
 DP_MODES = ("off", "sample", "client")
@@ -189,6 +191,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
+        _check_choice("model", self.model, MODEL_NAMES)
         _check_choice("strategy", self.strategy, STRATEGY_NAMES)
         _check_choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
         _check_range("seed", self.seed, 0, 2**31 - 1)
@@ -302,14 +305,3 @@ class NodeConfig:
     def from_user_config(cls, raw: Mapping[str, Any]) -> NodeConfig:
         """Parse Flower's ``context.node_config``; unknown keys are rejected with a hint."""
         return _from_mapping(cls, raw, what="node-config", strict=True)
-
-
-def parse_overrides(items: list[str]) -> dict[str, ConfigValue]:
-    """Parse ``key=value`` strings (as given to ``--run-config``) into a mapping."""
-    out: dict[str, ConfigValue] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Expected KEY=VALUE, got '{item}'.")
-        out[key.strip()] = value.strip().strip('"')
-    return out

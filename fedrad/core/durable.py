@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def replace_atomically(
-    path: Path, write: Callable[[Path], None], *, mode: int | None = None
+    path: Path, write: Callable[[Path], object], *, mode: int | None = None
 ) -> None:
     """Let ``write`` fill a temporary file beside ``path``, fsync it, then rename it over ``path``.
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fedrad.core.config import RUN_CONFIG_HELP, NodeConfig, RunConfig, parse_overrides
+import models
+from fedrad.core.config import MODEL_NAMES, RUN_CONFIG_HELP, NodeConfig, RunConfig
 from fedrad.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,8 @@ def test_from_user_config_coerces_strings_from_the_command_line():
         ({"kind": "4d"}, "'kind' must be one of 2d, 3d"),
         ({"fraction-train": 1.5}, "'fraction-train' must be in (0, 1]"),
         ({"positive-label": 2}, "'positive-label' must be between 0 and 1"),
+        ({"model": "cnnn"}, "'model' must be one of cnn, cnn-lstm, transformer, got 'cnnn'."),
+        ({"model": "cnnn"}, "Did you mean 'cnn'?"),
     ],
 )
 def test_invalid_run_config_names_the_problem(raw, message):
@@ -54,7 +57,5 @@ def test_node_config_rejects_unknown_keys_with_hint():
     assert "Did you mean 'data-dir'?" in str(info.value)
 
 
-def test_parse_overrides_requires_key_value():
-    assert parse_overrides(["model=cnn", 'kind="3d"']) == {"model": "cnn", "kind": "3d"}
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
-        parse_overrides(["model"])
+def test_model_names_are_the_model_registry():
+    assert MODEL_NAMES == tuple(models.MODELS)

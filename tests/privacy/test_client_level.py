@@ -49,7 +49,7 @@ def run_config(**changes: object) -> RunConfig:
 
 
 def make_plan(**changes: object) -> ClientDPPlan:
-    return ClientDPPlan.from_run_config(run_config(**changes).to_user_config())
+    return ClientDPPlan.from_run_config(run_config(**changes))
 
 
 def open_ledger(root: Path, site_id: str = "site-a") -> PrivacyLedger:
@@ -114,8 +114,8 @@ def test_plan_derives_the_multiplier_from_the_run_config_only() -> None:
 def test_coordinator_reports_what_a_site_in_every_round_records(tmp_path: Path) -> None:
     # Prepare: the coordinator's per-round figure needs only its run config
     config = run_config(num_server_rounds=4)
-    plan = ClientDPPlan.from_run_config(config.to_user_config())
-    coordinator = SimpleNamespace(config=config)
+    plan = ClientDPPlan.from_run_config(config)
+    coordinator = SimpleNamespace(config=config, client_plan=plan)
 
     # Execute
     epsilon_after = Federation._client_level_epsilon
@@ -126,6 +126,19 @@ def test_coordinator_reports_what_a_site_in_every_round_records(tmp_path: Path) 
     assert [r["client-level-epsilon"] for r in reported] == pytest.approx(recorded, rel=1e-9)
     assert all(r["noise-multiplier"] == plan.noise_multiplier for r in reported)
     assert reported[-1]["client-level-epsilon"] <= 8.0
+
+
+def test_coordinator_resolves_the_plan_once_per_run() -> None:
+    # Prepare
+    config = run_config(num_server_rounds=4)
+
+    # Execute: the round loop needs neither a grid nor a run directory to be built
+    federation = Federation(None, config, None)  # type: ignore[arg-type]
+    plain = Federation(None, RunConfig(), None)  # type: ignore[arg-type]
+
+    # Assert
+    assert federation.client_plan == ClientDPPlan.from_run_config(config)
+    assert plain.client_plan is None and plain._client_level_epsilon(1) == {}
 
 
 # ---------------------------------------------------------------- the site's client-level ledger

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
+from fedrad.core.config import NodeConfig, RunConfig
 from fedrad.core.errors import ConfigError, FedradError
 from privacy import (
     BudgetExhausted,
@@ -30,6 +33,7 @@ from privacy import (
 
 pytestmark = pytest.mark.timeout(120)
 
+ROOT = Path(__file__).resolve().parents[2]
 LIMITS = SiteLimits(max_epsilon=20.0, max_delta=1e-4)
 
 
@@ -517,29 +521,44 @@ def test_invalid_request_says_what_is_wrong(changes: dict, message: str) -> None
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"max-delta": 1e-5}, "'max-epsilon' is required"),
+        ({"max-epsilon": 0, "max-delta": 1e-5}, "'max-epsilon' must be positive"),
         ({"max-epsilon": 8, "max-delta": 2}, "max-delta"),
     ],
 )
-def test_site_limits_from_node_config_require_both_ceilings(values: dict, message: str) -> None:
+def test_site_limits_from_node_config_check_both_ceilings(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        SiteLimits.from_node_config(values)
+        SiteLimits.from_node_config(NodeConfig.from_user_config(values))
+
+
+def test_site_limits_come_from_the_node_config_or_its_defaults() -> None:
+    # Execute
+    given_limits = SiteLimits.from_node_config(
+        NodeConfig.from_user_config({"max-epsilon": 4, "max-delta": 1e-5})
+    )
+    default_limits = SiteLimits.from_node_config(NodeConfig())
+
+    # Assert
+    assert given_limits == SiteLimits(max_epsilon=4.0, max_delta=1e-5)
+    assert default_limits == SiteLimits(
+        max_epsilon=NodeConfig().max_epsilon, max_delta=NodeConfig().max_delta
+    )
 
 
 def test_request_from_run_config_maps_unset_to_none() -> None:
     # Prepare
-    values = {
-        "study-id": "study-a",
-        "target-epsilon": 8.0,
-        "max-grad-norm": 1.0,
-        "local-epochs": 2,
-        "num-server-rounds": 10,
-        "noise-multiplier": 0.0,
-        "delta": 0.0,
-    }
+    config = RunConfig(
+        dp="sample",
+        study_id="study-a",
+        target_epsilon=8.0,
+        max_grad_norm=1.0,
+        local_epochs=2,
+        num_server_rounds=10,
+        noise_multiplier=0.0,
+        delta=0.0,
+    )
 
     # Execute
-    request = DPRequest.from_run_config(values)
+    request = DPRequest.from_run_config(config)
 
     # Assert
     assert (request.noise_multiplier, request.delta, request.planned_rounds) == (None, None, 10)
@@ -588,3 +607,14 @@ def test_rdp_epsilon_is_the_accountants_own_bit_for_bit(history: list) -> None:
 
     # Assert
     assert ours == accountant.get_epsilon(delta=1e-5)
+
+
+def test_import_privacy_leaves_opacus_unimported() -> None:
+    # Execute: a fresh interpreter, so that no other test has imported Opacus yet
+    code = "import sys, privacy; print(sorted(m for m in ('opacus', 'torch') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+
+    # Assert
+    assert result.stdout.strip() == "[]"
