@@ -20,19 +20,42 @@ pytestmark = pytest.mark.timeout(500)
 @pytest.fixture(scope="module")
 def three_sites(tmp_path_factory):
     out = tmp_path_factory.mktemp("three")
-    write_consortium(out, SynthConfig(sites=3, seed=5, image_size=32, samples_per_site=24),
-                     overwrite=True)
+    write_consortium(
+        out, SynthConfig(sites=3, seed=5, image_size=32, samples_per_site=24), overwrite=True
+    )
     return out
 
 
 def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tmp_path):
     run_dir = tmp_path / "run"
 
-    result = run_command(fedrad_command(
-        "simulate", str(three_sites), "--out", str(run_dir), "--num-server-rounds", "2",
-        "--image-size", "32", "--batch-size", "8", "--min-sites", "3",
-        "--secure-aggregation", "true", "--dp", "sample", "--study-id", "secure-study",
-        "--optimizer", "sgd", "--learning-rate", "0.2"), timeout=400)
+    result = run_command(
+        fedrad_command(
+            "simulate",
+            str(three_sites),
+            "--out",
+            str(run_dir),
+            "--num-server-rounds",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--min-sites",
+            "3",
+            "--secure-aggregation",
+            "true",
+            "--dp",
+            "sample",
+            "--study-id",
+            "secure-study",
+            "--optimizer",
+            "sgd",
+            "--learning-rate",
+            "0.2",
+        ),
+        timeout=400,
+    )
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = load_file(str(run_dir / "model.safetensors"))
     initial = load_file(str(run_dir / "initial-model.safetensors"))
@@ -69,30 +92,65 @@ def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tm
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])
-def test_aggregators_needing_individual_updates_are_refused(three_sites, tmp_path, strategy,
-                                                             capsys):
+def test_aggregators_needing_individual_updates_are_refused(
+    three_sites, tmp_path, strategy, capsys
+):
     from fedrad.commands.cli import main
 
-    code = main(["simulate", str(three_sites), "--out", str(tmp_path / "r"), "--min-sites", "3",
-                 "--secure-aggregation", "true", "--strategy", strategy])
+    code = main(
+        [
+            "simulate",
+            str(three_sites),
+            "--out",
+            str(tmp_path / "r"),
+            "--min-sites",
+            "3",
+            "--secure-aggregation",
+            "true",
+            "--strategy",
+            strategy,
+        ]
+    )
 
     assert code == 2
     assert "individual update" in capsys.readouterr().err
 
 
 def _client_dp_run(sites, run_dir, noise):
-    return run_command(fedrad_command(
-        "simulate", str(sites), "--out", str(run_dir), "--num-server-rounds", "2",
-        "--image-size", "32", "--batch-size", "8", "--min-sites", "3",
-        "--secure-aggregation", "true", "--dp", "client", "--noise-multiplier", noise,
-        "--study-id", "client-study",
-        "--max-grad-norm", "0.5"), timeout=400)
+    return run_command(
+        fedrad_command(
+            "simulate",
+            str(sites),
+            "--out",
+            str(run_dir),
+            "--num-server-rounds",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--min-sites",
+            "3",
+            "--secure-aggregation",
+            "true",
+            "--dp",
+            "client",
+            "--noise-multiplier",
+            noise,
+            "--study-id",
+            "client-study",
+            "--max-grad-norm",
+            "0.5",
+        ),
+        timeout=400,
+    )
 
 
 def test_client_level_dp_adds_noise_shares_under_secure_aggregation(three_sites, tmp_path):
     result = _client_dp_run(three_sites, tmp_path / "run", "1.5")
-    rounds = [json.loads(line)
-              for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
 
     assert result.returncode == 0, result.stdout[-4000:]
     eps = [r["train"]["secure-aggregation"]["client-level-epsilon"] for r in rounds]

@@ -64,7 +64,7 @@ def to_counts(metrics: Mapping[str, Any], num_classes: int) -> dict[str, np.ndar
 
 
 def from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Summed counts back as evaluation totals (the shape ``server.loop`` summarises)."""
+    """Summed counts back as evaluation totals (read by ``server.metrics.evaluation_metrics``)."""
     values = {name: np.asarray(counts[_PREFIX + name], dtype=np.int64) for name in _FIELDS}
     return {
         keys.NUM_EXAMPLES: int(values[keys.NUM_EXAMPLES][0]),
