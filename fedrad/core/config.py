@@ -224,7 +224,8 @@ class RunConfig:
         if self.dp != "off" and not self.study_id.strip():
             raise ConfigError(
                 "'study-id' is required when dp is on: each site keeps its privacy budget per "
-                "study, e.g. -c \"study-id='pneumonia-2026'\"."
+                "study: 'fedrad simulate ... --study-id pneumonia-2026', or with flwr run "
+                "-c \"study-id='pneumonia-2026'\"."
             )
         if not self.target_epsilon > 0 or not self.max_grad_norm > 0:
             raise ConfigError("'target-epsilon' and 'max-grad-norm' must be positive.")

@@ -118,3 +118,11 @@ def test_counts_print_as_integers(capsys):
 
     out = capsys.readouterr().out
     assert "195" in out and "195.0" not in out and "0.9877" in out
+
+
+def test_missing_study_id_names_the_simulate_option(sites_2d, tmp_path, capsys):
+    code = main(["simulate", str(sites_2d), "--out", str(tmp_path / "r"), "--dp", "sample"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'study-id' is required" in err and "--study-id" in err
