@@ -40,9 +40,13 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
     """Push ``messages``; return the replies that arrive within ``timeout`` seconds.
 
     Like ``Grid.send_and_receive``: a message the grid did not accept (no id back) is not waited
-    for, and replies that have not arrived by the deadline are not returned.
+    for, and replies that have not arrived by the deadline are not returned. Replies come back
+    in the order their messages were sent, not in the order they arrived, so that aggregation
+    (a floating-point sum) gives the same model for the same seed however the sites' timing falls.
     """
-    pending = {str(i) for i in grid.push_messages(messages)}
+    pushed = [str(i) for i in grid.push_messages(messages)]
+    order = {message_id: index for index, message_id in enumerate(pushed)}
+    pending = set(pushed)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     interval = FIRST_POLL_S
@@ -55,7 +59,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
             break
         time.sleep(min(interval, remaining))
         interval = min(interval * _BACKOFF, MAX_POLL_S)
-    return replies
+    return sorted(replies, key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
 
 
 @dataclass

@@ -109,3 +109,28 @@ def test_record_sites_keeps_the_rest_of_the_run_record(tmp_path: Path) -> None:
     # Assert
     after = json.loads((tmp_path / RUN_FILE).read_text())
     assert after == {**before, "sites": ["node-7", "node-9"]}
+
+
+class ReversedGrid(AnsweringGrid):
+    """Sites whose replies arrive in the reverse of the order they were asked in."""
+
+    def pull_messages(self, message_ids):
+        return list(reversed(super().pull_messages(message_ids)))
+
+
+def test_replies_come_back_in_the_order_sent_whatever_the_arrival() -> None:
+    from flwr.app import ArrayRecord
+
+    from server.exchange import send_and_receive
+
+    grid = ReversedGrid()
+    messages = [
+        Message(RecordDict({keys.ARRAYS: ArrayRecord()}), dst_node_id=node, message_type="evaluate")
+        for node in (11, 22, 33)
+    ]
+
+    replies = send_and_receive(grid, messages, timeout=1.0)
+
+    assert [m.metadata.reply_to_message_id for m in replies] == [
+        m.metadata.message_id for m in messages
+    ]
