@@ -279,6 +279,15 @@ class NodeConfig:
     ``data-dir`` names the site's folder in deployment. In simulation Flower sets
     ``partition-id`` and ``num-partitions`` instead, and partition ``i`` trains on the
     i-th site folder under the run config's ``sites-dir``.
+
+    Privacy settings the site alone decides: ``max-epsilon`` / ``max-delta`` (per study),
+    ``max-total-epsilon`` (over all studies together, recorded in the ledger folder),
+    ``allowed-studies`` (comma-separated study ids; empty allows any), ``secagg-min-threshold``
+    (the smallest secure-aggregation threshold it accepts and sizes its noise share by),
+    ``eval-noise-multiplier`` (noise of the evaluation counts it releases under DP, over their
+    sensitivity), ``identity-key`` and ``roster`` (the site's signing key and the consortium's
+    roster of sites, for authenticated secure aggregation) and ``log-file`` (the site's local
+    log of refused requests, with the details that never leave the site).
     """
 
     data_dir: str = ""
@@ -290,6 +299,13 @@ class NodeConfig:
     ledger_dir: str = ""
     max_epsilon: float = 10.0
     max_delta: float = 1e-3
+    max_total_epsilon: float = 30.0
+    allowed_studies: str = ""
+    secagg_min_threshold: int = 2
+    eval_noise_multiplier: float = 2.0
+    identity_key: str = ""
+    roster: str = ""
+    log_file: str = ""
     partition_id: int = -1
     num_partitions: int = 0
 
@@ -301,6 +317,24 @@ class NodeConfig:
         _check_range("ingest-workers", self.ingest_workers, 1, 256)
         if not self.max_epsilon > 0 or not 0 < self.max_delta < 1:
             raise ConfigError("'max-epsilon' must be positive and 'max-delta' in (0, 1).")
+        if not self.max_total_epsilon >= self.max_epsilon:
+            raise ConfigError(
+                f"'max-total-epsilon' ({self.max_total_epsilon:g}) is this site's ceiling over "
+                f"all studies together: it must be at least 'max-epsilon' ({self.max_epsilon:g})."
+            )
+        for study in self.allowed_study_ids:
+            if not study.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                raise ConfigError(
+                    f"'allowed-studies' lists {study!r}, which is not a study id (letters, "
+                    "digits, '-', '_' and '.'); separate ids with commas."
+                )
+        _check_range("secagg-min-threshold", self.secagg_min_threshold, 2, 100_000)
+        _check_range("eval-noise-multiplier", self.eval_noise_multiplier, 0.5, 1000.0)
+
+    @property
+    def allowed_study_ids(self) -> tuple[str, ...]:
+        """The study ids this site takes part in (``allowed-studies``); empty: any study."""
+        return tuple(s.strip() for s in self.allowed_studies.split(",") if s.strip())
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any]) -> NodeConfig:
