@@ -21,6 +21,7 @@ from client.dataset import SiteDataset
 from client.disclosure import subgroup_counts
 from client.dp_train import DPTrainSums, train_local_dp
 from client.reply import check_reply
+from client.secagg import SecureInput
 from client.secagg import register as register_secagg
 from client.site import Site, resolve_site, site_dataset
 from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, train_local
@@ -34,9 +35,13 @@ from privacy import (
     PrivacyLedger,
     PrivacyRefused,
     check_client_round,
+    eval_entry,
     privatize_update,
+    release_eval_sums,
     resolve_dp,
 )
+from privacy.secagg import RoundSetup
+from privacy.secagg.wire import LOSS_ARRAY, LOSS_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +108,13 @@ def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
     return wrapper
 
 
-def _train(msg: Message, context: Context) -> RecordDict:
-    """Local training of one message (also the SecAgg+ key step's training)."""
-    return _train_site(msg, context, _site(context))
+def _min_threshold(context: Context) -> int:
+    """The site's smallest accepted secure-aggregation threshold (its node config)."""
+    return _site(context).secagg_min_threshold
 
 
-def _train_site(msg: Message, context: Context, site: Site) -> RecordDict:
-    config, model = _request(msg, site)
-    dataset = site_dataset(site, config).subset("train")
-    config_record = msg.content.config_records[keys.CONFIG]
-    server_round = _config_int(config_record, keys.SERVER_ROUND)
-    settings = TrainSettings(
+def _settings(config: RunConfig, config_record: ConfigRecord, server_round: int) -> TrainSettings:
+    return TrainSettings(
         local_epochs=config.local_epochs,
         learning_rate=config.learning_rate,
         batch_size=config.batch_size,
@@ -125,31 +126,130 @@ def _train_site(msg: Message, context: Context, site: Site) -> RecordDict:
         else 0.0,
         seed=config.seed * 100_003 + server_round,
     )
+
+
+def _train_dataset(site: Site, config: RunConfig) -> SiteDataset:
+    dataset = site_dataset(site, config).subset("train")
     if len(dataset) == 0:
         raise FedradError(f"site {site.site_id} has no training samples (split 'train').")
+    return dataset
+
+
+def _train_site(msg: Message, context: Context, site: Site) -> RecordDict:
+    """A plain train message: FedAvg in the clear, or DP-SGD; client-level DP is refused here.
+
+    Under DP the training loss is withheld: it is computed on the training data and no
+    accountant covers it.
+    """
+    config, model = _request(msg, site)
+    if config.dp == "client":
+        raise PrivacyRefused(
+            "dp 'client' is trained only inside a secure-aggregation round this site has "
+            "verified (the train.secagg_keys message): in a plain reply its update would "
+            "carry only its share of the noise. Refusing this plain train request."
+        )
+    config_record = msg.content.config_records[keys.CONFIG]
+    server_round = _config_int(config_record, keys.SERVER_ROUND)
+    settings = _settings(config, config_record, server_round)
+    dataset = _train_dataset(site, config)
     metrics: dict[str, int | float] = {}
     sums: TrainSums
     if config.dp == "sample":
         dp_sums = _train_dp(context, site, config, model, dataset, settings, server_round)
         sums, metrics = dp_sums, {keys.EPSILON: dp_sums.epsilon, keys.DELTA: dp_sums.delta}
-    elif config.dp == "client":
-        sums, metrics = _train_client_dp(msg, site, config, model, dataset, settings, server_round)
     else:
         sums = train_local(model, dataset, settings)
+        metrics = {keys.LOSS_SUM: sums.loss_sum}
     return RecordDict(
         {
             keys.ARRAYS: ArrayRecord(model.state_dict()),
             keys.METRICS: MetricRecord(
-                {
-                    keys.NUM_EXAMPLES: sums.num_examples,
-                    keys.LOSS_SUM: sums.loss_sum,
-                    keys.NUM_STEPS: sums.num_steps,
-                    **metrics,
-                }
+                {keys.NUM_EXAMPLES: sums.num_examples, keys.NUM_STEPS: sums.num_steps, **metrics}
             ),
             keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
         }
     )
+
+
+def _secure_input(msg: Message, context: Context, setup: RoundSetup) -> SecureInput:
+    """Train for a verified secure-aggregation round; return what the site masks.
+
+    The update (trained minus global weights) is clipped to the round's clipping range, value
+    by value, and the clipped values are counted in the site's log. Under client-level DP the
+    site clips the update's norm and adds its integer noise share, sized by ``setup.threshold``
+    (verified against its own minimum, see :func:`privacy.privatize_update`); under any DP the
+    loss entry is zero (withheld).
+    """
+    site = _site(context)
+    config, model = _request(msg, site)
+    config_record = msg.content.config_records[keys.CONFIG]
+    server_round = _config_int(config_record, keys.SERVER_ROUND)
+    settings = _settings(config, config_record, server_round)
+    dataset = _train_dataset(site, config)
+    start = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    r = setup.clipping_range
+    if config.dp == "client":
+        plan = ClientDPPlan.from_run_config(config)
+        ledger = PrivacyLedger.open(
+            site.ledger_root, study_id=plan.study_id, site_id=site.site_id, level="client"
+        )
+        check_client_round(plan=plan, limits=site.limits, ledger=ledger)  # before the compute
+        train_local(model, dataset, settings)
+        trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        private = privatize_update(
+            start,
+            trained,
+            plan=plan,
+            threshold=setup.threshold,
+            min_threshold=site.secagg_min_threshold,
+            clipping_range=r,
+            quantisation_bits=setup.quantisation_bits,
+            extra={LOSS_ARRAY: np.zeros(1)},
+            limits=site.limits,
+            ledger=ledger,
+            server_round=server_round,
+            run_id=str(msg.metadata.run_id),
+        )
+        log.info(
+            "site %s, round %d: client-level DP share std %.1f (threshold %d); %d value(s) "
+            "clipped to the range %g%s; epsilon %.4f",
+            site.site_id,
+            server_round,
+            private.share_std,
+            setup.threshold,
+            private.clipped_values,
+            r,
+            ", update norm clipped" if private.norm_clipped else "",
+            private.epsilon,
+        )
+        return SecureInput(update=private.update, weight=1, noise=private.noise)
+    if config.dp == "sample":
+        sums: TrainSums = _train_dp(context, site, config, model, dataset, settings, server_round)
+        loss_entry = 0.0  # withheld: no accountant covers the DP-SGD loss
+    else:
+        sums = train_local(model, dataset, settings)
+        mean_loss = sums.loss_sum / max(sums.num_examples, 1)
+        loss_entry = float(np.clip(mean_loss, 0.0, LOSS_RANGE)) * r / LOSS_RANGE
+    update = {
+        k: v.detach().numpy().astype(np.float64) - start[k] for k, v in model.state_dict().items()
+    }
+    if any(not np.all(np.isfinite(v)) for v in update.values()):
+        raise FedradError(
+            "the trained model holds NaN or infinite values: lower the learning rate."
+        )
+    clipped = sum(int(np.count_nonzero(np.abs(v) > r)) for v in update.values())
+    boxed = {k: np.clip(v, -r, r) for k, v in update.items()}
+    if clipped:
+        log.info(
+            "site %s, round %d: %d update value(s) clipped to the secure-aggregation range %g",
+            site.site_id,
+            server_round,
+            clipped,
+            r,
+        )
+    boxed[LOSS_ARRAY] = np.array([loss_entry])
+    weight = min(int(sums.num_examples), setup.max_weight)
+    return SecureInput(update=boxed, weight=max(weight, 1))
 
 
 def _train_dp(
@@ -164,18 +264,20 @@ def _train_dp(
     """One round of DP-SGD; the site's own ceilings and ledger decide whether it may train.
 
     The sampling and noise draw on OS randomness: a seed the coordinator knows would let it
-    subtract the noise.
+    subtract the noise. The noise multiplier, when derived, reserves the budget of the run's
+    noised evaluations (one per planned round and a final one, see :func:`_release_eval`).
     """
     request = DPRequest.from_run_config(config)
     ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
     run_id = str(context.run_id)
+    reserved = (eval_entry(site.eval_noise_multiplier),) * (config.num_server_rounds + 1)
     plan = resolve_dp(
         request,
         site.limits,
         num_train_samples=len(dataset),
         batch_size=config.batch_size,
         study_delta=ledger.delta,
-        prior_history=ledger.history_before(run_id),
+        prior_history=ledger.history_before(run_id) + reserved,
     )
     return train_local_dp(
         model,
@@ -189,90 +291,92 @@ def _train_dp(
     )
 
 
-def _train_client_dp(
-    msg: Message,
-    site: Site,
-    config: RunConfig,
-    model: torch.nn.Module,
-    dataset: SiteDataset,
-    settings: TrainSettings,
-    server_round: int,
-) -> tuple[TrainSums, dict[str, int | float]]:
-    """Train, then clip the update and add this site's noise share (distributed DP).
+def _evaluate_val(msg: Message, site: Site) -> tuple[RunConfig, SiteDataset, EvalSums]:
+    """Evaluate the message's model on this site's validation split, whatever it asks.
 
-    The site's own ceilings and client-level ledger decide whether it may contribute; the
-    round is recorded before the noised update is returned. Sites weigh equally under
-    client-level DP: the reply's example count is 1.
+    The split is the site's decision: a request naming another split (its training data,
+    where the model's loss would reveal membership) is answered on ``val`` all the same.
     """
-    shares = _config_int(msg.content.config_records[keys.CONFIG], keys.NOISE_SHARES, 0)
-    if shares < 1:
-        raise PrivacyRefused(
-            "dp 'client' needs secure aggregation: alone, this site's update would carry only "
-            "its share of the noise. Refusing to send it in the clear."
-        )
-    plan = ClientDPPlan.from_run_config(config)
-    ledger = PrivacyLedger.open(
-        site.ledger_root, study_id=plan.study_id, site_id=site.site_id, level="client"
-    )
-    check_client_round(plan=plan, limits=site.limits, ledger=ledger)  # before spending compute
-    start = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    sums = train_local(model, dataset, settings)
-    trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    private = privatize_update(
-        start,
-        trained,
-        plan=plan,
-        noise_shares=shares,
-        limits=site.limits,
-        ledger=ledger,
-        server_round=server_round,
-        run_id=str(msg.metadata.run_id),
-    )
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in private.arrays.items()})
-    return TrainSums(
-        num_examples=1, loss_sum=sums.loss_sum / max(sums.num_examples, 1), num_steps=sums.num_steps
-    ), {keys.EPSILON: private.epsilon, keys.DELTA: private.delta}
-
-
-def _evaluate_split(msg: Message, site: Site) -> tuple[SiteDataset, EvalSums]:
-    """Evaluate the message's model on the split it names (``val`` unless it says)."""
     config, model = _request(msg, site)
-    split = str(msg.content.config_records[keys.CONFIG].get(keys.SPLIT, "val"))
-    dataset = site_dataset(site, config).subset(split)
+    asked = msg.content.config_records[keys.CONFIG].get(keys.SPLIT, "val")
+    if asked != "val":
+        log.warning("the coordinator asked to evaluate on split %r; evaluating on val", asked)
+    dataset = site_dataset(site, config).subset("val")
     if len(dataset) == 0:
-        raise FedradError(f"site {site.site_id} has no samples in split '{split}'.")
-    return dataset, evaluate_local(model, dataset)
+        raise FedradError(f"site {site.site_id} has no samples in its validation split.")
+    return config, dataset, evaluate_local(model, dataset)
+
+
+def _released_sums(
+    msg: Message, context: Context, site: Site
+) -> tuple[RunConfig, SiteDataset, dict[str, int | float | list[int] | list[float]]]:
+    """The evaluation sums this site releases: exact without DP, noised and charged with it.
+
+    Under DP (either mode) the counts carry discrete Gaussian noise of the site's own
+    ``eval-noise-multiplier`` and the release is charged to the study's record-level ledger
+    before it leaves (:func:`privacy.release_eval_sums`); the loss sum is withheld (zero).
+    """
+    config, dataset, sums = _evaluate_val(msg, site)
+    if config.dp == "off":
+        return (
+            config,
+            dataset,
+            {
+                keys.NUM_EXAMPLES: sums.num_examples,
+                keys.LOSS_SUM: sums.loss_sum,
+                keys.CONFUSION: [int(v) for v in sums.confusion.ravel()],
+                keys.SCORE_HIST: [int(v) for v in sums.score_hist.ravel()],
+            },
+        )
+    server_round = _config_int(msg.content.config_records[keys.CONFIG], keys.SERVER_ROUND, 0)
+    train_size = len(site_dataset(site, config).subset("train"))
+    ledger = PrivacyLedger.open(site.ledger_root, study_id=config.study_id, site_id=site.site_id)
+    noised = release_eval_sums(
+        confusion=sums.confusion,
+        score_hist=sums.score_hist,
+        noise_multiplier=site.eval_noise_multiplier,
+        ledger=ledger,
+        limits=site.limits,
+        target_epsilon=config.target_epsilon,
+        delta=config.delta or None,
+        accountant=config.dp_accountant if config.dp == "sample" else "rdp",
+        num_train_samples=max(train_size, 1),
+        server_round=server_round,
+        run_id=str(context.run_id),
+    )
+    log.info(
+        "site %s, round %d: evaluation sums released with noise std %.2f; epsilon %.4f",
+        site.site_id,
+        server_round,
+        noised.std,
+        noised.epsilon,
+    )
+    return (
+        config,
+        dataset,
+        {
+            keys.NUM_EXAMPLES: noised.num_examples,
+            keys.LOSS_SUM: 0.0,
+            keys.CONFUSION: [int(v) for v in noised.confusion.ravel()],
+            keys.SCORE_HIST: [int(v) for v in noised.score_hist.ravel()],
+        },
+    )
 
 
 def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
-    """The evaluation sums of the message's model as secure-aggregation counts."""
-    _, sums = _evaluate_split(msg, _site(context))
-    return evalsums.to_counts(
-        {
-            keys.NUM_EXAMPLES: sums.num_examples,
-            keys.LOSS_SUM: sums.loss_sum,
-            keys.CONFUSION: sums.confusion.ravel(),
-            keys.SCORE_HIST: sums.score_hist.ravel(),
-        },
-        num_classes=sums.confusion.shape[0],
-    )
+    """The released evaluation sums of the message's model as secure-aggregation counts."""
+    config, _, released = _released_sums(msg, context, _site(context))
+    return evalsums.to_counts(released, num_classes=config.num_classes)
 
 
 def _evaluate(msg: Message, context: Context, site: Site) -> RecordDict:
-    dataset, sums = _evaluate_split(msg, site)
+    _, dataset, released = _released_sums(msg, context, site)
     cells: dict[str, ConfigRecordValues] = dict(
         subgroup_counts((s.attributes for s in dataset.samples), min_cell_count=site.min_cell_count)
     )
     return RecordDict(
         {
-            keys.METRICS: MetricRecord(
-                {
-                    keys.NUM_EXAMPLES: sums.num_examples,
-                    keys.LOSS_SUM: sums.loss_sum,
-                    keys.CONFUSION: [int(v) for v in sums.confusion.ravel()],
-                    keys.SCORE_HIST: [int(v) for v in sums.score_hist.ravel()],
-                }
-            ),
+            keys.METRICS: MetricRecord(released),
             keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
             keys.SUBGROUPS: ConfigRecord(cells),
         }
@@ -281,4 +385,4 @@ def _evaluate(msg: Message, context: Context, site: Site) -> RecordDict:
 
 train = app.train()(_guarded(_train_site))
 evaluate = app.evaluate()(_guarded(_evaluate))
-register_secagg(app, _train, _evaluation_counts)  # SecAgg+ stages; they catch their own errors
+register_secagg(app, _secure_input, _evaluation_counts, _min_threshold)  # SecAgg+ stages

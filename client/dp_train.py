@@ -168,6 +168,12 @@ def train_local_dp(
             noise_generator=noise,
             grad_sample_mode=grad_sample_mode,
         )
+        # Opacus' secure_mode needs torchcsprng, which has no build for the pinned torch; its
+        # defence against the floating-point attack on Gaussian noise (each noise draw the
+        # sum of four Gaussians, halved: Holohan & Braghin 2021, as Opacus implements it) is
+        # the optimizer's flag, and it is turned on here. The generators are seeded from OS
+        # entropy each round (see _generators).
+        optimizer.secure_mode = True
         if settings.proximal_mu > 0:
             global_params = [p.detach().clone() for p in optimizer.params]
             _add_proximal_term(optimizer, global_params, settings.proximal_mu)

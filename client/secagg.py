@@ -15,8 +15,13 @@ The site masks its update *delta* (trained minus global weights), not its weight
 small (a few learning-rate steps), so a small clipping range holds it and the quantisation
 error, proportional to the range, stays small; weights would need a range as large as the
 largest weight. One extra entry carries the mean training loss (see
-:data:`~privacy.secagg.wire.LOSS_ARRAY`). The weight is the site's number of training
-examples, as in plain FedAvg.
+:data:`~privacy.secagg.wire.LOSS_ARRAY`; zero under DP, where the loss is withheld). The weight
+is the site's number of training examples, as in plain FedAvg (1 under client-level DP).
+
+The training function (``client.app``) decides what is masked: values beyond the clipping range
+are clipped, never refused, and counted in the site's log; under client-level DP the site adds
+its discrete Gaussian noise share on the integers, sized by the threshold of the round setup
+it has verified (at least its own ``secagg-min-threshold``), never by a config value.
 
 Every reply holds exactly one ConfigRecord, ``secagg``, with one site-to-coordinator message.
 A refused or failed request becomes an error reply (code :data:`ERROR_CODE_REFUSED` when the
@@ -30,6 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
@@ -41,7 +47,6 @@ from fedrad.core.errors import FedradError
 from privacy.secagg import (
     ClientSession,
     InputError,
-    InputRangeError,
     KeyBroadcast,
     ProtocolError,
     RequestRefused,
@@ -53,7 +58,6 @@ from privacy.secagg import (
 from privacy.secagg.wire import (
     KEYS_ACTION,
     LOSS_ARRAY,
-    LOSS_RANGE,
     MASK_ACTION,
     SHARES_ACTION,
     UNMASK_ACTION,
@@ -63,7 +67,13 @@ from privacy.secagg.wire import (
     message_to_fields,
 )
 
-__all__ = ["ERROR_CODE_REFUSED", "ERROR_CODE_SECAGG", "register"]
+__all__ = [
+    "ERROR_CODE_REFUSED",
+    "ERROR_CODE_SECAGG",
+    "SecureInput",
+    "check_setup_matches",
+    "register",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +90,17 @@ COUNTS_STATE = "secagg-counts"
 _SESSION = "session"
 _WEIGHT = "weight"
 
-TrainFn = Callable[[Message, Context], RecordDict]
+_NOISE = "fedrad:noise"  # the site's integer noise share, kept beside its update
+
+TrainFn = Callable[[Message, Context, RoundSetup], "SecureInput"]
 EvaluateFn = Callable[[Message, Context], dict[str, np.ndarray]]
+SiteFn = Callable[[Context], int]
 Step = Callable[[Message, Context], RecordDict]
 
 
-def register(app: ClientApp, train_fn: TrainFn, evaluate_fn: EvaluateFn) -> None:
+def register(
+    app: ClientApp, train_fn: TrainFn, evaluate_fn: EvaluateFn, min_threshold_fn: SiteFn
+) -> None:
     """Add the four secure-aggregation handlers to ``app``.
 
     Parameters
@@ -93,14 +108,19 @@ def register(app: ClientApp, train_fn: TrainFn, evaluate_fn: EvaluateFn) -> None
     app
         The site's ClientApp.
     train_fn
-        Plain local training: takes a train message (``arrays``, ``config``) and returns the
-        reply content of plain FedAvg (``arrays`` with the trained weights, ``metrics`` with
-        ``num-examples`` and ``loss-sum``); its errors become error replies.
+        Local training for the verified round setup: takes the key-stage message (``arrays``,
+        ``config``) and the setup, and returns the :class:`SecureInput` to mask (under
+        client-level DP with its noise share, sized by the setup's verified threshold); its
+        errors become error replies.
     evaluate_fn
         Local evaluation of the message's model on the validation split, as the named integer
         counts of ``fedrad.core.evalsums``; its errors become error replies.
+    min_threshold_fn
+        The site's smallest accepted threshold (node config ``secagg-min-threshold``).
     """
-    step = functools.partial(_advertise_keys, train_fn=train_fn, evaluate_fn=evaluate_fn)
+    step = functools.partial(
+        _advertise_keys, train_fn=train_fn, evaluate_fn=evaluate_fn, site_fn=min_threshold_fn
+    )
     app.train(KEYS_ACTION)(_handler(step))
     app.train(SHARES_ACTION)(_handler(_share_keys))
     app.train(MASK_ACTION)(_handler(_mask_input))
@@ -140,58 +160,48 @@ def _error_reply(msg: Message, context: Context, code: int, exc: Exception) -> M
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _trained_update(
-    msg: Message,
-    context: Context,
-    setup: RoundSetup,
-    global_arrays: dict[str, np.ndarray],
-    train_fn: TrainFn,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Train on the message; return the update to mask (with the loss entry) and the weight."""
+@dataclass(frozen=True)
+class SecureInput:
+    """What a site masks in a training round: its update, its weight and its integer noise.
+
+    ``update`` holds the round's arrays (the model delta and :data:`LOSS_ARRAY`) within the
+    clipping range; ``noise`` is the site's client-level DP share on the integers, or None.
+    """
+
+    update: dict[str, np.ndarray]
+    weight: int
+    noise: np.ndarray | None = None
+
+
+def check_setup_matches(setup: RoundSetup, global_arrays: dict[str, np.ndarray]) -> None:
+    """Refuse a setup that does not describe the model the message carries."""
     expected = {**{k: v.shape for k, v in global_arrays.items()}, LOSS_ARRAY: (1,)}
     if dict(zip(setup.array_names, setup.array_shapes, strict=True)) != expected:
         raise ProtocolError("The round setup does not describe the model it was sent with.")
-    trained = train_fn(msg, context)
-    trained_arrays = _arrays(trained, "the trained model")
-    metrics = trained[keys.METRICS]
-    weight = int(metrics[keys.NUM_EXAMPLES])  # type: ignore[arg-type]
-    mean_loss = float(metrics[keys.LOSS_SUM]) / max(weight, 1)  # type: ignore[arg-type]
-    if not 0.0 <= mean_loss <= LOSS_RANGE:
-        raise InputRangeError(
-            f"The mean training loss {mean_loss} lies outside [0, {LOSS_RANGE}]: the model "
-            "diverged at this site; lower the learning rate."
-        )
-    if set(trained_arrays) != set(global_arrays):
-        raise InputError("The trained model's arrays differ from the global model's.")
-    update = {
-        name: trained_arrays[name].astype(np.float64) - array.astype(np.float64)
-        for name, array in global_arrays.items()
-    }
-    update[LOSS_ARRAY] = np.array([mean_loss * setup.clipping_range / LOSS_RANGE])
-    return update, weight
 
 
 def _advertise_keys(
-    msg: Message, context: Context, *, train_fn: TrainFn, evaluate_fn: EvaluateFn
+    msg: Message, context: Context, *, train_fn: TrainFn, evaluate_fn: EvaluateFn, site_fn: SiteFn
 ) -> RecordDict:
     """Stage 1: check the setup, evaluate and train, keep the input and session, send keys."""
     setup, participant = invitation_from_fields(_fields(msg))
-    session = ClientSession(participant)
-    advert = session.advertise_keys(setup)
+    session = ClientSession(participant, min_threshold=site_fn(context))
+    advert = session.advertise_keys(setup)  # verifies the threshold against the site's minimum
     global_arrays = _arrays(msg.content, "the global model")
     counts = evaluate_fn(msg, context) if setup.count_names else {}
-    update: dict[str, np.ndarray] = {}
-    weight = 1
+    secure = SecureInput(update={}, weight=1)
     if setup.array_names:
-        update, weight = _trained_update(msg, context, setup, global_arrays, train_fn)
-    setup.encode(update, weight=weight, counts=counts)  # refuse now, before keys are shared
+        check_setup_matches(setup, global_arrays)
+        secure = train_fn(msg, context, setup)
+    setup.encode(secure.update, weight=secure.weight, counts=counts, noise=secure.noise)
     context.state[COUNTS_STATE] = ArrayRecord(
         {name: Array(np.ascontiguousarray(value)) for name, value in counts.items()}
     )
-    context.state[UPDATE_STATE] = ArrayRecord(
-        {name: Array(np.ascontiguousarray(value)) for name, value in update.items()}
-    )
-    _save(context, session, weight)
+    state = {name: Array(np.ascontiguousarray(value)) for name, value in secure.update.items()}
+    if secure.noise is not None:
+        state[_NOISE] = Array(np.ascontiguousarray(secure.noise))
+    context.state[UPDATE_STATE] = ArrayRecord(state)
+    _save(context, session, secure.weight)
     return _reply(message_to_fields(advert))
 
 
@@ -211,13 +221,16 @@ def _mask_input(msg: Message, context: Context) -> RecordDict:
         raise ProtocolError("This site holds no update for the round.")
     counts = context.state.get(COUNTS_STATE)
     delivery = message_from_fields(ShareDelivery, _fields(msg))
+    arrays = {name: array.numpy() for name, array in update.items()}
+    noise = arrays.pop(_NOISE, None)
     masked = session.mask_input(
         delivery,
-        {name: array.numpy() for name, array in update.items()},
+        arrays,
         weight=weight,
         counts={name: a.numpy() for name, a in counts.items()}
         if isinstance(counts, ArrayRecord)
         else None,
+        noise=noise,
     )
     _save(context, session, weight)
     for name in (UPDATE_STATE, COUNTS_STATE):  # keep secrets no longer than needed

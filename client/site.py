@@ -34,6 +34,8 @@ class Site:
     ingest_workers: int
     ledger_root: Path
     limits: SiteLimits
+    secagg_min_threshold: int = 2
+    eval_noise_multiplier: float = 2.0
 
 
 def default_ledger_root() -> Path:
@@ -51,6 +53,8 @@ def _site(node: NodeConfig, data_dir: Path, cache: Path, ledger: Path) -> Site:
         ingest_workers=node.ingest_workers,
         ledger_root=ledger,
         limits=SiteLimits.from_node_config(node),
+        secagg_min_threshold=node.secagg_min_threshold,
+        eval_noise_multiplier=node.eval_noise_multiplier,
     )
 
 

@@ -37,10 +37,10 @@ from privacy.dp import (
     SiteLimits,
     clip_update,
     default_delta,
-    noise_share,
     resolve_dp,
 )
 from privacy.ledger import LedgerRound, PrivacyLedger
+from privacy.release import EvalRelease, eval_entry, release_eval_sums
 
 __all__ = [
     "ACCOUNTANTS",
@@ -50,6 +50,7 @@ __all__ = [
     "BudgetExhausted",
     "ClientDPPlan",
     "DPPlan",
+    "EvalRelease",
     "DPRequest",
     "HistoryEntry",
     "LedgerError",
@@ -64,11 +65,12 @@ __all__ = [
     "clip_update",
     "compute_epsilon",
     "default_delta",
+    "eval_entry",
     "history_delta",
     "merge_history",
     "noise_multiplier_for",
-    "noise_share",
     "planned_client_epsilon",
     "privatize_update",
+    "release_eval_sums",
     "resolve_dp",
 ]

@@ -21,6 +21,7 @@ sampling that the accountant's amplification assumes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,14 +37,16 @@ from privacy.accounting import (
     noise_multiplier_for,
 )
 from privacy.checks import check_count, check_identifier, check_positive, check_probability
-from privacy.dp import SiteLimits, clip_update, noise_share
+from privacy.dp import SiteLimits, clip_update
 from privacy.ledger import PrivacyLedger
+from privacy.noise import discrete_gaussian, sigma_for
 
 __all__ = [
     "CLIENT_LEVEL_ACCOUNTANT",
     "CLIENT_LEVEL_DELTA",
     "SITE_SAMPLE_RATE",
     "ClientDPPlan",
+    "GridSensitivity",
     "PrivateUpdate",
     "check_client_round",
     "client_noise_multiplier",
@@ -169,11 +172,55 @@ class ClientDPPlan:
 
 @dataclass(frozen=True)
 class PrivateUpdate:
-    """What :func:`privatize_update` returns: the weights to mask and the site's spend after."""
+    """What :func:`privatize_update` returns: the update to mask, its integer noise, the spend.
 
-    arrays: dict[str, np.ndarray]
+    Attributes
+    ----------
+    update
+        The clipped update (float64, every value within the round's clipping range), named as
+        the round's arrays; the secure-aggregation encoder quantises it.
+    noise
+        This site's discrete Gaussian noise share, one int64 per quantised value in the
+        round's order, added on the integers (``RoundSetup.encode(..., noise=...)``).
+    share_std
+        The share's std on the quantisation grid.
+    clipped_values
+        Values clipped to the clipping range before the noise (kept in the site's log).
+    norm_clipped
+        Whether the update's L2 norm was above ``clip_norm`` and was scaled down.
+    epsilon, delta
+        The site's cumulative client-level spend after the round.
+    """
+
+    update: dict[str, np.ndarray]
+    noise: np.ndarray
+    share_std: float
+    clipped_values: int
+    norm_clipped: bool
     epsilon: float
     delta: float
+
+
+@dataclass(frozen=True)
+class GridSensitivity:
+    """L2 / L1 sensitivity, on the quantisation grid, of one site's clipped update.
+
+    A value ``x`` becomes ``rint((x + r) s)`` with ``s = (2^bits - 1) / (2 r)``. Against the
+    zero update (the neighbouring input: the site sent nothing of its own), the vector moves
+    by ``x s`` plus a rounding difference below 1 per value, so with ``||x||_2 <= C``:
+    ``l2 = C s + sqrt(d)`` and ``l1 = sqrt(d) C s + d``.
+    """
+
+    l2: float
+    l1: float
+    dim: int
+
+    @classmethod
+    def of(cls, *, clip_norm: float, clipping_range: float, bits: int, dim: int) -> GridSensitivity:
+        """The sensitivity of a ``dim``-value update at L2 bound ``clip_norm`` on a round's grid."""
+        scale = ((1 << bits) - 1) / (2.0 * clipping_range)
+        root = math.sqrt(dim)
+        return cls(l2=clip_norm * scale + root, l1=root * clip_norm * scale + dim, dim=dim)
 
 
 def check_client_round(*, plan: ClientDPPlan, limits: SiteLimits, ledger: PrivacyLedger) -> float:
@@ -229,46 +276,70 @@ def privatize_update(
     trained_arrays: Mapping[str, np.ndarray],
     *,
     plan: ClientDPPlan,
-    noise_shares: int,
+    threshold: int,
+    min_threshold: int,
+    clipping_range: float,
+    quantisation_bits: int,
+    extra: Mapping[str, np.ndarray] | None = None,
     limits: SiteLimits,
     ledger: PrivacyLedger,
     server_round: int,
     run_id: str,
 ) -> PrivateUpdate:
-    """Return the weights to mask (global + clipped update + this site's noise share).
+    """Clip this site's update and draw its integer noise share for a verified secure round.
 
-    The round is checked against the site's budget before any noise is drawn and recorded in
-    the site's client-level ledger before the weights are returned, so nothing leaves the
-    site unaccounted. Noise draws on OS randomness, never on a seed the coordinator knows.
+    The noise is sized by ``threshold``, the ``t`` of the secure-aggregation round this site
+    has verified: the coordinator can only unmask a sum of at least ``t`` sites' inputs, so
+    ``t`` shares of std ``sigma`` carry the whole noise (Kairouz, Liu and Steinke 2021, see
+    :mod:`privacy.noise`). ``threshold`` below the site's own ``min_threshold`` (node config
+    ``secagg-min-threshold``) is refused, whatever the coordinator asks.
+
+    The update is clipped to L2 norm ``clip_norm`` and then value by value to the round's
+    clipping range (a contraction: the sensitivity does not grow). The round is checked against
+    the site's budget before any noise is drawn and recorded in the site's client-level ledger
+    before anything is returned, so nothing leaves the site unaccounted.
+
+    Parameters
+    ----------
+    extra
+        Entries of the round's vector that carry no data of this site's (the withheld loss,
+        zeros); masked and noised with the update, counted in the sensitivity's dimension.
 
     Raises
     ------
     PrivacyRefused
-        If the round exceeds the site's ceilings (:class:`BudgetExhausted` if its budget).
+        If the threshold is below ``min_threshold``, or the round exceeds the site's ceilings
+        (:class:`BudgetExhausted` if its budget).
     LedgerError
         If the ledger cannot record the round.
     """
-    if noise_shares < 1:
-        raise PrivacyRefused("client-level DP needs the secure-aggregation threshold (>= 1).")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int)
+        or threshold < max(2, min_threshold)
+    ):
+        raise PrivacyRefused(
+            f"The secure-aggregation round's threshold {threshold} is below this site's "
+            f"secagg-min-threshold {min_threshold}: its noise share would not add up to the "
+            "full noise. The coordinator must raise the threshold."
+        )
     check_client_round(plan=plan, limits=limits, ledger=ledger)
     update = {
         k: np.asarray(trained_arrays[k], dtype=np.float64) - np.asarray(v, dtype=np.float64)
         for k, v in global_arrays.items()
     }
-    clipped, _ = clip_update(update, clip_norm=plan.clip_norm)
-    noise = noise_share(
-        {k: v.shape for k, v in clipped.items()},
-        noise_multiplier=plan.noise_multiplier,
-        clip_norm=plan.clip_norm,
-        num_sites=noise_shares,
-        rng=np.random.default_rng(),
+    clipped, norm = clip_update(update, clip_norm=plan.clip_norm)
+    out_of_range = sum(int(np.count_nonzero(np.abs(v) > clipping_range)) for v in clipped.values())
+    boxed = {k: np.clip(v, -clipping_range, clipping_range) for k, v in clipped.items()}
+    every = {**boxed, **{k: np.asarray(v, dtype=np.float64) for k, v in (extra or {}).items()}}
+    dim = sum(int(v.size) for v in every.values())
+    grid = GridSensitivity.of(
+        clip_norm=plan.clip_norm, clipping_range=clipping_range, bits=quantisation_bits, dim=dim
     )
-    arrays = {
-        k: (np.asarray(global_arrays[k], dtype=np.float64) + clipped[k] + noise[k]).astype(
-            np.asarray(global_arrays[k]).dtype
-        )
-        for k in global_arrays
-    }
+    share_std = sigma_for(
+        plan.noise_multiplier, num_shares=threshold, l2=grid.l2, l1=grid.l1, dim=dim
+    )
+    noise = discrete_gaussian(share_std, dim)
     epsilon = ledger.record_round(
         server_round=server_round,
         run_id=run_id,
@@ -276,4 +347,12 @@ def privatize_update(
         delta=plan.delta,
         accountant=CLIENT_LEVEL_ACCOUNTANT,
     )
-    return PrivateUpdate(arrays=arrays, epsilon=epsilon, delta=plan.delta)
+    return PrivateUpdate(
+        update=every,
+        noise=noise,
+        share_std=share_std,
+        clipped_values=out_of_range,
+        norm_clipped=norm > plan.clip_norm,
+        epsilon=epsilon,
+        delta=plan.delta,
+    )

@@ -5,7 +5,7 @@ Sample-level DP-SGD: the coordinator sends a :class:`DPRequest`; each site holds
 :class:`DPPlan` with :func:`resolve_dp`, or refuses with :class:`PrivacyRefused`.
 
 Client-level (distributed) DP for secure aggregation: :func:`clip_update` bounds a site's
-update and :func:`noise_share` draws that site's share of the Gaussian noise.
+update; ``privacy.distributed`` adds its integer noise share (``privacy.noise``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ __all__ = [
     "SiteLimits",
     "clip_update",
     "default_delta",
-    "noise_share",
     "resolve_dp",
 ]
 
@@ -307,35 +306,3 @@ def clip_update(
     norm = math.sqrt(sum(float(np.sum(np.square(a))) for a in arrays.values()))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {name: a * scale for name, a in arrays.items()}, norm
-
-
-def noise_share(
-    shapes: Mapping[str, Sequence[int]],
-    *,
-    noise_multiplier: float,
-    clip_norm: float,
-    num_sites: int,
-    rng: np.random.Generator,
-) -> dict[str, np.ndarray]:
-    """Draw one site's share of the Gaussian noise for distributed (client-level) DP.
-
-    Each share has std ``noise_multiplier * clip_norm / sqrt(num_sites)``, so the sum of
-    ``num_sites`` independent shares has std ``noise_multiplier * clip_norm``: the noise the
-    accounting in :func:`privacy.accounting.client_level_epsilon` assumes. That holds only if
-    at least ``num_sites`` shares reach the sum; with fewer the sum has less noise. Pass the
-    minimum number of surviving sites that secure aggregation guarantees (its threshold t),
-    not the number sampled: if n >= t shares arrive the sum has std ``z * C * sqrt(n / t)``,
-    more noise than needed (a utility cost, never a privacy loss). The server must discard a
-    round with fewer than t survivors. Draw ``rng`` from OS entropy
-    (``np.random.default_rng()``): a seed the coordinator knows lets it remove the noise.
-
-    Returns
-    -------
-    dict[str, np.ndarray]
-        Float64 noise arrays with the given shapes, to add to the clipped update.
-    """
-    check_positive("noise-multiplier", noise_multiplier)
-    check_positive("clip-norm", clip_norm)
-    check_count("num_sites", num_sites)
-    std = noise_multiplier * clip_norm / math.sqrt(num_sites)
-    return {name: rng.normal(0.0, std, size=tuple(shape)) for name, shape in shapes.items()}

@@ -129,11 +129,15 @@ def summarize(
 
 
 def evaluation_metrics(totals: Mapping[str, Any], config: RunConfig) -> dict[str, float]:
-    """Metrics of evaluation totals as sites send them (flat lists), shaped by the run config."""
+    """Metrics of evaluation totals as sites send them (flat lists), shaped by the run config.
+
+    Under DP the counts carry the sites' noise and the loss is withheld (NaN).
+    """
     c = config.num_classes
     return summarize(
         num_examples=int(totals[keys.NUM_EXAMPLES]),
-        loss_sum=float(totals[keys.LOSS_SUM]),
+        # under DP the sites withhold the loss (see privacy.release): no value, not a zero
+        loss_sum=float(totals[keys.LOSS_SUM]) if config.dp == "off" else float("nan"),
         confusion=np.asarray(totals[keys.CONFUSION], dtype=np.int64).reshape(c, c),
         score_hist=np.asarray(totals[keys.SCORE_HIST], dtype=np.int64).reshape(c, c, SCORE_BINS),
         positive_label=config.positive_label,

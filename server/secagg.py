@@ -122,6 +122,7 @@ def secure_round(
     count_sizes: Mapping[str, int] | None = None,
     max_count: int = 1 << 40,
     train: bool = True,
+    signed_values: bool = False,
 ) -> SecureRoundResult:
     """Run one round on ``node_ids`` and aggregate their updates (and counts) securely.
 
@@ -145,8 +146,8 @@ def secure_round(
         neighbour graph up to 10 sites) and at most ``len(node_ids) - 1``; the round aborts
         when fewer sites remain.
     clipping_range
-        Every update value (trained minus global weight) must lie within it; a site whose
-        update does not is dropped (nothing is clipped). Quantisation error grows with it.
+        Every update value (trained minus global weight) is clipped to it at the site (the
+        site counts the clipped values in its log). Quantisation error grows with it.
     timeout
         Seconds to wait for the replies of each of the four exchanges.
     quantisation_bits, max_weight
@@ -157,6 +158,9 @@ def secure_round(
     train
         False for an evaluation-only round: the sites do not train, only counts are summed
         (``arrays`` of the result is then empty).
+    signed_values
+        True under client-level DP: the sites add integer noise to their quantised values, so
+        the sum is read as signed and the mean clipped to the range afterwards.
     """
     started = time.monotonic()
     nodes = list(dict.fromkeys(int(n) for n in node_ids))
@@ -178,6 +182,7 @@ def secure_round(
             max_weight=max_weight,
             count_sizes=count_sizes,
             max_count=max_count,
+            signed_values=signed_values and train,
         )
     except SecAggError as error:
         return _aborted(nodes, failures, f"cannot set up the round: {error}", seconds)

@@ -50,7 +50,6 @@ def train_securely(
         return None, collected
     threshold = config.secagg_threshold or default_threshold(len(nodes))
     site_config = messages[0].content.config_records[keys.CONFIG]  # keeps FedProx's proximal-mu
-    site_config[keys.NOISE_SHARES] = threshold  # client-level DP: noise per survivor set
     site_config[keys.SPLIT] = "val"  # the sites evaluate the model they are sent on it
     result = secure_round(
         grid,
@@ -62,6 +61,7 @@ def train_securely(
         clipping_range=config.secagg_clipping_range,
         timeout=config.round_timeout,
         count_sizes=evalsums.count_sizes(config.num_classes),
+        signed_values=config.dp == "client",
     )
     collected.failures.update(result.failures)
     collected.participants.extend(result.aggregated)
@@ -86,7 +86,11 @@ def train_securely(
                 keys.METRICS: MetricRecord(
                     {
                         keys.NUM_EXAMPLES: int(result.totals[keys.NUM_EXAMPLES]),
-                        keys.LOSS_SUM: float(result.totals[keys.LOSS_SUM]),
+                        **(
+                            {keys.LOSS_SUM: float(result.totals[keys.LOSS_SUM])}
+                            if config.dp == "off"  # under DP the sites withhold the loss
+                            else {}
+                        ),
                     }
                 ),
             }

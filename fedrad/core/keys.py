@@ -20,7 +20,6 @@ SERVER_ROUND = "server-round"
 MODEL_SPEC = "model-spec"
 SPLIT = "split"
 PROXIMAL_MU = "proximal-mu"
-NOISE_SHARES = "noise-shares"
 
 # ConfigRecord keys in a reply
 SITE_ID = "site-id"

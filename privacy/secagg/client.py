@@ -257,6 +257,7 @@ class ClientSession:
         *,
         weight: int,
         counts: Mapping[str, np.ndarray] | None = None,
+        noise: np.ndarray | None = None,
     ) -> MaskedInput:
         """Store the neighbours' shares, then quantise, weight and mask the update.
 
@@ -270,6 +271,9 @@ class ClientSession:
             The site's integer weight (for example its number of training examples).
         counts
             The round's named counts (non-negative integers, summed exactly), if it has any.
+        noise
+            Integer noise added to the quantised values (client-level DP; a round with
+            ``signed_values`` only).
 
         Raises
         ------
@@ -280,7 +284,7 @@ class ClientSession:
         """
         with self._step(_Stage.SHARED, _Stage.MASKED):
             setup = self._checked_setup(delivery.round_id, delivery.receiver)
-            encoded = setup.encode(arrays, weight=weight, counts=counts)
+            encoded = setup.encode(arrays, weight=weight, counts=counts, noise=noise)
             senders = self._checked_peers(delivery.senders, self._peer_mask_keys)
             for sender, sealed in zip(senders, delivery.sealed_shares, strict=True):
                 self._held[sender] = self._open(sender, sealed)

@@ -100,8 +100,14 @@ def encode_update(
     count_names: Sequence[str] = (),
     count_sizes: Sequence[int] = (),
     max_count: int = 0,
+    noise: np.ndarray | None = None,
 ) -> np.ndarray:
     """Quantise ``arrays``; return ``weight * q`` for every value, the counts, then ``weight``.
+
+    With ``noise`` (one integer per value, weight 1: client-level DP adds its noise share on
+    the integers, see ``privacy.distributed``) the words are ``q + noise``, which may leave
+    ``[0, L]``; they travel as residues modulo ``2^64`` (two's complement) and the round's
+    sum is read as signed (:func:`decode_sum` with ``signed=True``).
 
     Raises
     ------
@@ -129,6 +135,18 @@ def encode_update(
         for name, shape in zip(names, shapes, strict=True)
     ]
     weighted = np.concatenate([*parts, np.zeros(0, dtype=np.uint64)]) * np.uint64(weight)
+    if noise is not None:
+        noise = np.asarray(noise)
+        if (
+            weight != 1
+            or noise.shape != weighted.shape
+            or not np.issubdtype(noise.dtype, np.integer)
+        ):
+            raise InputError(
+                f"Integer noise needs weight 1 and one integer per value ({weighted.size}); got "
+                f"weight {weight} and {noise.size} values of {noise.dtype}."
+            )
+        weighted = (weighted.astype(np.int64) + noise.astype(np.int64)).astype(np.uint64)
     exact = _counts(counts or {}, count_names, count_sizes, max_count)
     return np.concatenate([weighted, exact, np.array([weight], dtype=np.uint64)])
 
@@ -167,30 +185,60 @@ def decode_sum(
     shapes: Sequence[tuple[int, ...]],
     clipping_range: float,
     bits: int,
+    signed: bool = False,
+    modulus_bits: int = 64,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Turn the unmasked sum of encoded updates into the weighted mean and the total weight.
+
+    With ``signed`` (inputs that carry integer noise) each word modulo ``2^modulus_bits`` is
+    read as a signed integer, and the mean is clipped to ``[-r, r]`` afterwards: clipping the
+    noised sum is post-processing and costs no privacy.
 
     Raises
     ------
     ShareReconstructionError
-        If the total weight is zero or a word exceeds ``total_weight * (2^bits - 1)``: a mask
-        was not removed, so some reconstructed secret was wrong.
+        If the total weight is zero or a word exceeds ``total_weight * (2^bits - 1)`` (signed:
+        lies beyond a quarter of the modulus): a mask was not removed, so some reconstructed
+        secret was wrong.
     """
     total_weight = int(total[-1])
     levels = quantisation_levels(bits)
     sums = total[: sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes)]
+    if signed:
+        modulus = float(1 << modulus_bits)
+        if modulus_bits == 64:
+            signed_words = sums.view(np.int64)  # two's complement: w - 2^64 for w >= 2^63
+        else:
+            words = sums.astype(np.int64)
+            signed_words = np.where(
+                words >= 1 << (modulus_bits - 1), words - (1 << modulus_bits), words
+            )
+        values = signed_words.astype(np.float64)
+        if total_weight < 1 or (values.size and float(np.abs(values).max()) >= modulus / 4):
+            raise ShareReconstructionError(
+                "The unmasked sum is out of range: some mask was not removed correctly."
+            )
+        mean = values / total_weight * (2.0 * clipping_range / levels) - clipping_range
+        mean = np.clip(mean, -clipping_range, clipping_range)
+        return _split(mean, names, shapes), total_weight
     if total_weight < 1 or (sums.size and int(sums.max()) > total_weight * levels):
         raise ShareReconstructionError(
             "The unmasked sum is out of range: some mask was not removed correctly."
         )
     mean = sums.astype(np.float64) / total_weight * (2.0 * clipping_range / levels) - clipping_range
+    return _split(mean, names, shapes), total_weight
+
+
+def _split(
+    mean: np.ndarray, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
+) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for name, shape in zip(names, shapes, strict=True):
         size = int(np.prod(shape, dtype=np.int64))
         arrays[name] = mean[offset : offset + size].reshape(shape)
         offset += size
-    return arrays, total_weight
+    return arrays
 
 
 def decode_counts(

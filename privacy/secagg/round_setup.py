@@ -10,7 +10,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InputError
 from .graph import default_degree, neighbour_graph
 from .ids import NodeId, validate_ids
 from .quantise import check_count_modulus, check_modulus, encode_update
@@ -55,6 +55,10 @@ class RoundSetup:
         unweighted (evaluation sums). A round may hold counts only (no arrays).
     max_count
         Largest value of one count at one site; checked against overflow.
+    signed_values
+        The sites add integer noise to their quantised values (client-level DP), so a word may
+        leave ``[0, L]`` and the sum is read as signed; the modulus must then leave room for
+        twice the largest sum and the noise (two more bits).
     """
 
     round_id: str
@@ -71,6 +75,7 @@ class RoundSetup:
     count_names: tuple[str, ...] = ()
     count_sizes: tuple[int, ...] = ()
     max_count: int = 1 << 32
+    signed_values: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -101,6 +106,7 @@ class RoundSetup:
         graph_seed: int | None = None,
         count_sizes: Mapping[str, int] | None = None,
         max_count: int = 1 << 32,
+        signed_values: bool = False,
     ) -> RoundSetup:
         """Build a setup with the default degree and a fresh random graph seed unless given."""
         return cls(
@@ -118,6 +124,7 @@ class RoundSetup:
             count_names=tuple(count_sizes or {}),
             count_sizes=tuple((count_sizes or {}).values()),
             max_count=max_count,
+            signed_values=signed_values,
         )
 
     @property
@@ -136,14 +143,19 @@ class RoundSetup:
         *,
         weight: int,
         counts: Mapping[str, np.ndarray] | None = None,
+        noise: np.ndarray | None = None,
     ) -> np.ndarray:
         """Encode one site's input for this round (see :func:`~.quantise.encode_update`).
+
+        ``noise`` (integers, one per value) is allowed only in a round with ``signed_values``.
 
         Raises
         ------
         InputError, InputRangeError
             If the input does not fit the round; nothing is clipped.
         """
+        if noise is not None and not self.signed_values:
+            raise InputError("This round sums unsigned values: it cannot carry integer noise.")
         return encode_update(
             arrays,
             weight=weight,
@@ -156,6 +168,7 @@ class RoundSetup:
             count_names=self.count_names,
             count_sizes=self.count_sizes,
             max_count=self.max_count,
+            noise=noise,
         )
 
     @cached_property
@@ -210,11 +223,15 @@ class RoundSetup:
         _check_int("quantisation_bits", self.quantisation_bits, 1, 32)
         _check_int("max_weight", self.max_weight, 1, None)
         _check_int("modulus_bits", self.modulus_bits, 8, 64)
+        if not isinstance(self.signed_values, bool):
+            raise ConfigurationError(
+                f"signed_values must be true or false, got {self.signed_values!r}."
+            )
         check_modulus(
             num_clients=len(self.participants),
             bits=self.quantisation_bits,
             max_weight=self.max_weight,
-            modulus_bits=self.modulus_bits,
+            modulus_bits=self.modulus_bits - (2 if self.signed_values else 0),
         )
         _check_int("max_count", self.max_count, 1, None)
         if self.count_names:

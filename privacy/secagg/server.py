@@ -209,6 +209,8 @@ class ServerSession:
                 shapes=self.setup.array_shapes,
                 clipping_range=self.setup.clipping_range,
                 bits=self.setup.quantisation_bits,
+                signed=self.setup.signed_values,
+                modulus_bits=self.setup.modulus_bits,
             )
             counts = decode_counts(
                 total,

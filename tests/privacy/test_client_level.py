@@ -28,6 +28,7 @@ from privacy import (
     planned_client_epsilon,
     privatize_update,
 )
+from privacy.distributed import GridSensitivity
 from server.loop import Federation
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,7 +65,10 @@ def contribute(
         GLOBAL,
         TRAINED,
         plan=plan,
-        noise_shares=3,
+        threshold=3,
+        min_threshold=2,
+        clipping_range=1.0,
+        quantisation_bits=16,
         limits=limits,
         ledger=open_ledger(root),
         server_round=server_round,
@@ -186,7 +190,10 @@ def test_ledger_epsilon_never_decreases(rounds: list[tuple[float, bool]]) -> Non
                 GLOBAL,
                 TRAINED,
                 plan=plan,
-                noise_shares=3,
+                threshold=3,
+                min_threshold=2,
+                clipping_range=1.0,
+                quantisation_bits=16,
                 limits=limits,
                 ledger=ledger,
                 server_round=server_round,
@@ -221,7 +228,10 @@ def test_client_and_sample_ledgers_are_separate(tmp_path: Path) -> None:
             GLOBAL,
             TRAINED,
             plan=plan,
-            noise_shares=3,
+            threshold=3,
+            min_threshold=2,
+            clipping_range=1.0,
+            quantisation_bits=16,
             limits=LIMITS,
             ledger=PrivacyLedger.open(tmp_path / "fresh", study_id="chest-2026", site_id="s"),
             server_round=2,
@@ -320,22 +330,58 @@ def test_site_refuses_a_run_that_asks_for_more(
     assert open_ledger(tmp_path).rounds == ()
 
 
-def test_site_refuses_without_noise_shares(tmp_path: Path) -> None:
-    with pytest.raises(PrivacyRefused, match="threshold"):
+@pytest.mark.parametrize(("threshold", "minimum"), [(0, 2), (1, 2), (3, 4), (2, 5)])
+def test_site_refuses_a_threshold_below_its_own_minimum(
+    tmp_path: Path, threshold: int, minimum: int
+) -> None:
+    with pytest.raises(PrivacyRefused, match="secagg-min-threshold"):
         privatize_update(
             GLOBAL,
             TRAINED,
             plan=make_plan(),
-            noise_shares=0,
+            threshold=threshold,
+            min_threshold=minimum,
+            clipping_range=1.0,
+            quantisation_bits=16,
             limits=LIMITS,
             ledger=open_ledger(tmp_path),
             server_round=1,
             run_id="run-1",
         )
+    assert open_ledger(tmp_path).rounds == ()  # nothing charged
 
 
-def test_privatized_update_is_noised_typed_and_accounted(tmp_path: Path) -> None:
-    # Prepare: a huge noise so that the noise, not the update, dominates
+@pytest.mark.parametrize("threshold", [2, 4, 9])
+def test_noise_share_is_sized_by_the_verified_threshold(tmp_path: Path, threshold: int) -> None:
+    # Prepare: sensitivity on the 16-bit grid of range 1: C s + sqrt(d)
+    plan = make_plan(noise_multiplier=1.5, max_grad_norm=0.2, target_epsilon=10.0)
+    grid = GridSensitivity.of(clip_norm=0.2, clipping_range=1.0, bits=16, dim=16)
+
+    # Execute
+    private = privatize_update(
+        GLOBAL,
+        TRAINED,
+        plan=plan,
+        threshold=threshold,
+        min_threshold=2,
+        clipping_range=1.0,
+        quantisation_bits=16,
+        extra={"loss": np.zeros(1)},
+        limits=LIMITS,
+        ledger=open_ledger(tmp_path / str(threshold)),
+        server_round=1,
+        run_id="run-1",
+    )
+
+    # Assert: t shares of this std carry at least the full noise z * l2
+    assert grid.l2 == pytest.approx(0.2 * 65535 / 2 + 4.0)
+    assert private.share_std == pytest.approx(1.5 * grid.l2 / threshold**0.5, rel=1e-9)
+    assert private.noise.dtype == np.int64 and private.noise.size == 16
+    assert np.all(np.abs(private.noise) < 10 * private.share_std)
+
+
+def test_privatized_update_is_clipped_noised_and_accounted(tmp_path: Path) -> None:
+    # Prepare: the update's norm (about 2.4) is above the clip norm 0.1
     plan = make_plan(noise_multiplier=100.0, max_grad_norm=0.1, target_epsilon=10.0)
 
     # Execute
@@ -343,7 +389,10 @@ def test_privatized_update_is_noised_typed_and_accounted(tmp_path: Path) -> None
         GLOBAL,
         TRAINED,
         plan=plan,
-        noise_shares=4,
+        threshold=4,
+        min_threshold=2,
+        clipping_range=0.02,
+        quantisation_bits=16,
         limits=LIMITS,
         ledger=open_ledger(tmp_path),
         server_round=1,
@@ -351,10 +400,13 @@ def test_privatized_update_is_noised_typed_and_accounted(tmp_path: Path) -> None
     )
 
     # Assert
-    assert {k: (v.shape, v.dtype) for k, v in private.arrays.items()} == {
-        k: (v.shape, v.dtype) for k, v in GLOBAL.items()
+    norm = np.sqrt(sum(float(np.sum(np.square(v))) for v in private.update.values()))
+    assert {k: v.shape for k, v in private.update.items()} == {
+        k: v.shape for k, v in GLOBAL.items()
     }
-    assert not np.allclose(private.arrays["w"], TRAINED["w"])
+    assert private.norm_clipped and norm <= 0.1 + 1e-12
+    assert private.clipped_values == 15  # every value of the scaled update exceeds 0.02
+    assert max(float(np.abs(v).max()) for v in private.update.values()) <= 0.02
     assert private.delta == CLIENT_LEVEL_DELTA
     assert private.epsilon == planned_client_epsilon(
         noise_multiplier=100.0, rounds=1, delta=CLIENT_LEVEL_DELTA

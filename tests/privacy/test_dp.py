@@ -30,7 +30,6 @@ from privacy import (
     client_level_epsilon,
     clip_update,
     compute_epsilon,
-    noise_share,
     resolve_dp,
 )
 
@@ -300,40 +299,6 @@ def test_clip_update_bounds_the_norm(arrays: list[np.ndarray], clip_norm: float)
 def test_clip_update_rejects_what_it_cannot_clip(update: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         clip_update(update, clip_norm=1.0)
-
-
-@pytest.mark.parametrize("num_sites", [1, 4, 16])
-def test_noise_shares_add_up_to_the_full_noise(num_sites: int) -> None:
-    # Prepare
-    rng = np.random.default_rng(2026)
-    shapes = {"w": (100, 100), "b": (10,)}
-
-    # Execute
-    shares = [
-        noise_share(shapes, noise_multiplier=1.2, clip_norm=0.5, num_sites=num_sites, rng=rng)
-        for _ in range(num_sites)
-    ]
-
-    # Assert: 10,010 values; the sample std is within about 3 % of the truth
-    total = np.concatenate([sum(s[k] for s in shares).ravel() for k in shapes])
-    assert {k: v.shape for k, v in shares[0].items()} == shapes
-    assert np.std(shares[0]["w"]) == pytest.approx(0.6 / math.sqrt(num_sites), rel=0.03)
-    assert np.std(total) == pytest.approx(1.2 * 0.5, rel=0.03)
-
-
-def test_more_survivors_than_threshold_only_add_noise() -> None:
-    # Prepare: shares calibrated to a threshold of 3 survivors, 5 arrive
-    rng = np.random.default_rng(7)
-    shares = [
-        noise_share({"w": (20_000,)}, noise_multiplier=1.0, clip_norm=1.0, num_sites=3, rng=rng)
-        for _ in range(5)
-    ]
-
-    # Execute
-    total = sum(s["w"] for s in shares)
-
-    # Assert
-    assert np.std(total) == pytest.approx(math.sqrt(5 / 3), rel=0.03)
 
 
 def test_client_level_epsilon_is_rdp_of_the_subsampled_gaussian() -> None:
