@@ -68,7 +68,12 @@ def test_derived_noise_is_spent_in_site_ledgers_and_a_later_run_is_refused(tmp_p
         assert [r["epsilon"] for r in record["rounds"]] == pytest.approx(
             [s["client-level-epsilon"] for s in secure], rel=1e-9
         )
-    assert not (sites / ".fedrad-ledger" / "derived-study").exists()  # no sample-level spend
+    # the evaluation sums each site released are charged to its record-level ledger alone
+    records = sorted((sites / ".fedrad-ledger" / "derived-study").glob("*.json"))
+    assert len(records) == 3
+    for path in records:
+        entries = [e for r in json.loads(path.read_text())["rounds"] for e in r["history"]]
+        assert entries and all(e == [2.0, 1.0, 1] for e in entries)  # eval-noise-multiplier 2
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert second.returncode == 1 and summary["status"] == "stopped"
     assert "exhausted" in summary["reason"]

@@ -5,7 +5,6 @@ through Flower's protobuf form (as deployment does)."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import uuid
 from collections.abc import Callable
 
@@ -30,7 +29,13 @@ from flwr.common.serde import (
 )
 from flwr.serverapp import Grid
 
-from client.secagg import ERROR_CODE_REFUSED, ERROR_CODE_SECAGG, SESSION_STATE, register
+from client.secagg import (
+    ERROR_CODE_REFUSED,
+    ERROR_CODE_SECAGG,
+    SESSION_STATE,
+    SecureInput,
+    register,
+)
 from fedrad.core import evalsums, keys
 from privacy.secagg import (
     ConfigurationError,
@@ -41,6 +46,7 @@ from privacy.secagg import (
 from privacy.secagg.allowlist import check_reply_fields
 from privacy.secagg.wire import (
     KEYS_ACTION,
+    LOSS_ARRAY,
     LOSS_RANGE,
     MASK_ACTION,
     SHARES_ACTION,
@@ -196,9 +202,28 @@ def fake_evaluate(msg: Message, context: Context) -> dict[str, np.ndarray]:
     )
 
 
-def _app(train: Callable[[Message, Context], RecordDict] = fake_train) -> ClientApp:
+def _secure(train: Callable[[Message, Context], RecordDict]):
+    """A plain-FedAvg training function as the secure round's input, as client/app.py does."""
+
+    def secure_input(msg: Message, context: Context, setup: RoundSetup) -> SecureInput:
+        reply = train(msg, context)
+        start = {k: a.numpy().astype(np.float64) for k, a in msg.content[keys.ARRAYS].items()}
+        trained = {k: a.numpy().astype(np.float64) for k, a in reply[keys.ARRAYS].items()}
+        weight = int(reply[keys.METRICS][keys.NUM_EXAMPLES])
+        mean_loss = float(reply[keys.METRICS][keys.LOSS_SUM]) / weight
+        r = setup.clipping_range
+        update = {k: np.clip(trained[k] - v, -r, r) for k, v in start.items()}
+        update[LOSS_ARRAY] = np.array([min(mean_loss, LOSS_RANGE) * r / LOSS_RANGE])
+        return SecureInput(update=update, weight=weight)
+
+    return secure_input
+
+
+def _app(
+    train: Callable[[Message, Context], RecordDict] = fake_train, *, min_threshold: int = 2
+) -> ClientApp:
     app = ClientApp()
-    register(app, train, fake_evaluate)
+    register(app, _secure(train), fake_evaluate, lambda context: min_threshold)
     return app
 
 
@@ -367,17 +392,23 @@ def test_a_site_refuses_a_malicious_unmask_request():
     _assert_fedavg(result, _plain(grid, range(5)))
 
 
-def test_an_update_outside_the_clipping_range_is_refused_without_its_values():
-    grid = ProcessGrid(_app(), 5)
-    grid.contexts[1004].node_config["step"] = 3.0  # this site's update leaves [-0.5, 0.5]
+def test_sites_refuse_a_threshold_below_their_own_minimum():
+    grid = ProcessGrid(_app(min_threshold=4), 5)  # node config secagg-min-threshold = 4
 
-    result = _round(grid)
+    result = _round(grid, threshold=3)
 
-    error = next(r.error for r in grid.replies if r.has_error())
-    assert error.code == ERROR_CODE_SECAGG and "clipping range" in error.reason
-    assert re.search(r"\d\.\d|e-\d", error.reason) is None  # no value of the update leaks
-    assert result.status == "completed" and "node-1004" in result.dropped
-    _assert_fedavg(result, _plain(grid, range(4)))
+    errors = [r.error for r in grid.replies if r.has_error()]
+    assert len(errors) == 5 and all(e.code == ERROR_CODE_SECAGG for e in errors)
+    assert result.status != "completed" and result.arrays is None
+
+
+def test_sites_accept_a_threshold_at_their_minimum():
+    grid = ProcessGrid(_app(min_threshold=4), 5)
+
+    result = _round(grid, threshold=4)
+
+    assert result.status == "completed"
+    _assert_fedavg(result, _plain(grid, range(5)))
 
 
 def test_a_stage_message_without_a_round_is_refused():

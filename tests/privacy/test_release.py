@@ -1,0 +1,91 @@
+"""Evaluation sums under DP: noised with the site's own multiplier and charged before release."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrad.core.keys import SCORE_BINS
+from privacy import (
+    BudgetExhausted,
+    PrivacyLedger,
+    PrivacyRefused,
+    SiteLimits,
+    compute_epsilon,
+    eval_entry,
+    release_eval_sums,
+)
+from privacy.release import eval_sensitivity
+
+pytestmark = pytest.mark.timeout(120)
+
+LIMITS = SiteLimits(max_epsilon=10.0, max_delta=1e-3)
+CONFUSION = np.array([[400, 100], [50, 450]])
+HIST = np.full((2, 2, SCORE_BINS), 5, dtype=np.int64)
+
+
+def _release(ledger: PrivacyLedger, *, z: float = 4.0, target: float = 8.0, delta=1e-5, **kw):
+    return release_eval_sums(
+        confusion=CONFUSION,
+        score_hist=HIST,
+        noise_multiplier=z,
+        ledger=ledger,
+        limits=kw.pop("limits", LIMITS),
+        target_epsilon=target,
+        delta=delta,
+        accountant="rdp",
+        num_train_samples=1000,
+        server_round=kw.pop("server_round", 1),
+        run_id="run-1",
+    )
+
+
+def _ledger(root: Path) -> PrivacyLedger:
+    return PrivacyLedger.open(root, study_id="chest-2026", site_id="site-a")
+
+
+def test_one_record_moves_the_counts_by_the_stated_sensitivity() -> None:
+    # one record: one confusion cell and one bin of each class's score histogram
+    assert eval_sensitivity(2) == (math.sqrt(3), 3.0)
+    assert eval_sensitivity(5) == (math.sqrt(6), 6.0)
+    assert eval_entry(3.0) == (3.0, 1.0, 1)
+
+
+def test_release_is_noised_clipped_and_charged_before_it_leaves(tmp_path: Path) -> None:
+    # Execute
+    release = _release(_ledger(tmp_path), z=4.0)
+
+    # Assert: the noise has the stated std, counts stay non-negative, the ledger paid first
+    std = 4.0 * math.sqrt(3)
+    assert release.std == pytest.approx(std)
+    noise = (release.score_hist - HIST).ravel()
+    assert noise.std() == pytest.approx(std, rel=0.2)  # 400 cells, clipped at 0 only below -5
+    assert release.confusion.min() >= 0 and release.score_hist.min() >= 0
+    assert not np.array_equal(release.confusion, CONFUSION)
+    assert release.num_examples == int(release.confusion.sum())
+    reference = compute_epsilon([(4.0, 1.0, 1)], delta=1e-5, accountant="rdp")
+    assert release.epsilon == pytest.approx(reference)
+    assert _ledger(tmp_path).spent_epsilon == pytest.approx(reference)
+
+
+def test_releases_compose_and_refuse_beyond_the_budget(tmp_path: Path) -> None:
+    # Prepare: at z = 1 one release costs 4.73 and two 7.08 (delta 1e-5); the target is 6
+    ledger = _ledger(tmp_path)
+    first = _release(ledger, z=1.0, target=6.0)
+
+    # Execute / Assert: the second would exceed the target; nothing more is recorded
+    with pytest.raises(BudgetExhausted, match="evaluates this study no further"):
+        _release(ledger, z=1.0, target=6.0, server_round=2)
+    assert len(_ledger(tmp_path).rounds) == 1
+    assert first.epsilon == pytest.approx(
+        compute_epsilon([(1.0, 1.0, 1)], delta=1e-5, accountant="rdp")
+    )
+
+
+def test_release_respects_the_site_ceiling_whatever_the_run_asks(tmp_path: Path) -> None:
+    with pytest.raises(PrivacyRefused, match="max-epsilon"):
+        _release(_ledger(tmp_path), target=50.0)
+    assert _ledger(tmp_path).rounds == ()
