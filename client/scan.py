@@ -235,7 +235,10 @@ def quarantined(label: str, exc: DicomRejected | MemoryError) -> QuarantinedFile
     reason = exc.reason if isinstance(exc, DicomRejected) else "ran out of memory while checking"
     limit = memory_limit()
     if limit is not None:
-        reason += f" (worker address-space limit {limit / 2**20:.0f} MiB)"
+        reason += (
+            f" (worker address-space limit {limit / 2**20:.0f} MiB: what the worker mapped at "
+            "its start plus its memory budget)"
+        )
     return QuarantinedFile(label, "out-of-memory", reason)
 
 
