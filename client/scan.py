@@ -248,7 +248,7 @@ def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) 
     Skips ``labels.csv``, hidden files and folders, and what ``skip`` says (it is asked about
     files and folders; a skipped folder is not entered). Links to folders are not followed
     (no loops); they, FIFOs and sub-folders that cannot be listed are returned so that the
-    scan reports them.
+    scan reports them (a link of any kind as ``symbolic-link``).
     """
     found: list[str] = []
     pending = [""]
