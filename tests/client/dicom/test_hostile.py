@@ -302,6 +302,7 @@ def test_a_worker_allocation_past_its_limit_raises_memory_error(tmp_path):
     assert results == [str(MIB), "MemoryError", str(MIB)]  # the worker lives on
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
 def test_the_limit_is_relative_to_what_a_process_maps_already():
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     pid = os.fork()
