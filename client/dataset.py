@@ -82,12 +82,17 @@ class SiteDataset(Dataset[tuple[torch.Tensor, int]]):
 
 @dataclass(frozen=True)
 class IngestSettings:
-    """How a site reads its folder: worker processes, per-file timeout, size cap, cache."""
+    """How a site reads its folder: worker processes, per-file timeout, size cap, cache.
+
+    ``worker_memory_bytes`` bounds what each worker's memory may grow by (None: the default
+    of ``client.scan.default_worker_memory`` for ``max_bytes``).
+    """
 
     workers: int = 1
     timeout_s: float = 20.0
     max_bytes: int = DEFAULT_MAX_BYTES
     cache_root: Path | None = None
+    worker_memory_bytes: int | None = None
 
 
 _ATTRIBUTES = ("sex", "age-band", "manufacturer", "modality")
@@ -157,7 +162,7 @@ class _Pass:
         stats, verdicts = self.stats, self.verdicts
         for rel in relatives:
             try:
-                stat = stats[rel] = os.stat(folder + rel)
+                stat = stats[rel] = os.lstat(folder + rel)  # a link's own: links are refused
             except OSError:
                 unknown.append(rel)  # the ingest says why (a broken link, say); not cached
                 continue
@@ -179,6 +184,7 @@ class _Pass:
             workers=s.workers,
             timeout_s=s.timeout_s,
             max_bytes=s.max_bytes,
+            worker_memory_bytes=s.worker_memory_bytes,
         )
         for rel, result in results.items():
             self.verdicts[rel] = result.verdict

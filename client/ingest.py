@@ -13,6 +13,7 @@ import hashlib
 import math
 import mmap
 import multiprocessing as mp
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -22,10 +23,17 @@ from typing import cast
 import numpy as np
 import torch
 
-from client.dicom import DicomRejected
+from client.dicom import DicomRejected, open_unlinked
 from client.nifti import SUFFIXES as NIFTI_SUFFIXES
 from client.nifti import read_nifti
-from client.scan import AcceptedFile, QuarantinedFile, accept_dicom, quarantine_lost
+from client.scan import (
+    AcceptedFile,
+    QuarantinedFile,
+    accept_dicom,
+    check_worker_memory,
+    quarantine_lost,
+    quarantined,
+)
 from client.scan_worker import LostKind, quiet_worker, run_in_workers
 from client.transforms import TransformConfig, preprocess, preprocess_batch
 
@@ -70,6 +78,7 @@ class SharedImages:
 
 
 def _nifti(path: Path, label: str, max_bytes: int) -> tuple[AcceptedFile, np.ndarray]:
+    os.close(open_unlinked(path))  # refuses a symbolic link, as for a DICOM file
     volume = read_nifti(path, max_bytes=max_bytes)
     data = path.read_bytes()
     info = path.stat()
@@ -107,15 +116,13 @@ def decode_file(max_bytes: int, relative: str) -> Ingested:
         else:
             verdict, values = accept_dicom(path, relative, max_bytes=max_bytes, decode="values")
         return Ingested(verdict, values=values)
-    except DicomRejected as exc:
-        return Ingested(QuarantinedFile(relative, exc.code, exc.reason))
     except Exception as exc:  # noqa: BLE001 - a file must never stop a pass
         return _failed(relative, exc)
 
 
 def _failed(relative: str, exc: Exception) -> Ingested:
-    if isinstance(exc, MemoryError):
-        return Ingested(QuarantinedFile(relative, "too-large", "ran out of memory"))
+    if isinstance(exc, DicomRejected | MemoryError):
+        return Ingested(quarantined(relative, exc))
     return Ingested(QuarantinedFile(relative, "malformed", f"{exc.__class__.__name__}: {exc}"))
 
 
@@ -197,13 +204,16 @@ def ingest_files(
     workers: int,
     timeout_s: float,
     max_bytes: int,
+    worker_memory_bytes: int | None = None,
 ) -> dict[str, Ingested]:
     """Check and decode files of a site, in ``workers`` killable processes (cwd: the site).
 
     Workers decode file by file (:func:`decode_file`) and, for 2D, preprocess each chunk's
     images in batches (:func:`preprocess_chunk`), into :class:`SharedImages` where workers
-    are forked. Returns each relative path's :class:`Ingested`.
+    are forked. Each worker's memory may grow by ``worker_memory_bytes`` (None: the default
+    of ``client.scan.default_worker_memory``). Returns each relative path's :class:`Ingested`.
     """
+    memory = check_worker_memory(worker_memory_bytes, max_bytes)
     if not relatives:
         return {}
     finish, shared = None, None
@@ -220,6 +230,7 @@ def ingest_files(
         on_lost=_lost_ingest,
         initializer=_worker_init,
         finish=finish,
+        memory_limit_bytes=memory,
     )
     out: dict[str, Ingested] = {}
     slots = torch.from_numpy(shared.array).unbind(0) if shared is not None else ()
@@ -234,11 +245,15 @@ def ingest_files(
 
 _ACCEPTED_FIELDS = tuple(f.name for f in fields(AcceptedFile))
 _QUARANTINED_FIELDS = tuple(f.name for f in fields(QuarantinedFile))
+CHECKS_VERSION = "checks:2"
+"""Which checks a verdict passed: raise it when a check changes (2: links, inflation, memory)."""
 RECORD_SCHEMA = (
     f"accepted:{','.join(_ACCEPTED_FIELDS[1:])}",
     f"quarantined:{','.join(_QUARANTINED_FIELDS[1:])}",
+    CHECKS_VERSION,
 )
-"""What a verdict record holds (the cache ignores records written to another schema)."""
+"""What a verdict record holds and which checks made it (the cache ignores records written
+to another schema: verdicts from older checks are made again)."""
 
 
 def verdict_to_record(verdict: Verdict) -> list[object]:

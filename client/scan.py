@@ -6,6 +6,12 @@ data length) and decoded, in worker processes that are killed when a file hangs
 (``decode-timeout``) and replaced when one dies (``worker-crashed``). One bad file never stops
 a scan. The result is deterministic: sorted by path relative to the site folder.
 
+Policy on hostile files: a symbolic link is refused (``symbolic-link``), wherever it points,
+and so is a file reached through a linked folder: the scan reads only what is stored in the
+site folder. A deflated file may inflate to no more than the size cap (``inflated-too-large``),
+decoded pixels may take at most ``client.dicom.decoded_cap`` of it (``too-large``), and each
+worker's address space may grow by at most :func:`default_worker_memory` (``out-of-memory``).
+
 Policy on objects: only image storage SOP classes (and private classes whose Modality is not
 a known non-image one) are accepted. Segmentations (SEG) are refused like other derived
 non-images: they are label maps, not images to learn from.
@@ -29,12 +35,13 @@ from client.dicom import (
     CheckedDicom,
     DicomRejected,
     decode_pixels,
+    decoded_cap,
     header_attributes,
     modality_values,
     read_checked,
 )
 from client.labels import LABELS_FILE
-from client.scan_worker import LostKind, quiet_worker, run_in_workers
+from client.scan_worker import LostKind, memory_limit, quiet_worker, run_in_workers
 from fedrad.core.errors import ConfigError, DataError
 
 __all__ = [
@@ -45,8 +52,11 @@ __all__ = [
     "ScanReport",
     "accept_dicom",
     "check_file",
+    "check_worker_memory",
+    "default_worker_memory",
     "list_site_files",
     "quarantine_lost",
+    "quarantined",
     "scan_folder",
 ]
 
@@ -56,6 +66,18 @@ QUARANTINE_REASONS: tuple[str, ...] = tuple(REASON_HELP)
 """The stable reason codes of a quarantined file; :data:`REASON_HELP` explains each."""
 _LOST_REASONS: dict[LostKind, str] = {"timeout": "decode-timeout", "crash": "worker-crashed"}
 DEFAULT_MAX_BYTES = 256 * 2**20
+WORKER_MEMORY_BASE = 2**30
+
+
+def default_worker_memory(max_bytes: int) -> int:
+    """The memory a worker may add to what it starts with, under a size cap of ``max_bytes``.
+
+    1 GiB, plus 4 times the size cap (the file, the parsed copy, an inflated one), plus 16
+    times the decoded cap (the pixels, then float64 and float32 modality values of 8-bit
+    pixels, and preprocessing); about 18 GiB under the default cap of 256 MiB, 1.3 GiB
+    under 1 MiB.
+    """
+    return WORKER_MEMORY_BASE + 4 * max_bytes + 16 * decoded_cap(max_bytes)
 
 
 @dataclass(frozen=True)
@@ -140,11 +162,12 @@ def accept_dicom(
     Parameters
     ----------
     path
-        The file; read once, refused unread when over ``max_bytes``.
+        The file; read once, refused unread when over ``max_bytes``, never through a link.
     label
         The record's ``path`` (POSIX, as reports show it).
     max_bytes
-        Size cap of the file; decoded pixels may take 16 times as much.
+        Size cap of the file, and of a deflated file's inflated data; decoded pixels may
+        take ``client.dicom.decoded_cap(max_bytes)``.
     decode
         ``"none"``: check the pixel data length only; ``"pixels"``: decode and check the
         pixels; ``"values"``: also apply the modality LUT (see ``client.dicom.modality_values``).
@@ -195,13 +218,28 @@ def check_file(path: Path, *, max_bytes: int, decode: bool = True) -> CheckResul
         return accept_dicom(
             path, label, max_bytes=max_bytes, decode="pixels" if decode else "none"
         )[0]
-    except DicomRejected as exc:
-        return QuarantinedFile(label, exc.code, exc.reason)
-    except MemoryError:
-        return QuarantinedFile(label, "too-large", "ran out of memory while checking")
+    except (DicomRejected, MemoryError) as exc:
+        return quarantined(label, exc)
     except Exception as exc:  # noqa: BLE001 - a file must never stop a scan
         log.debug("unexpected failure on %s", label, exc_info=True)
         return QuarantinedFile(label, "malformed", f"unexpected {exc.__class__.__name__}: {exc}")
+
+
+def quarantined(label: str, exc: DicomRejected | MemoryError) -> QuarantinedFile:
+    """The verdict on a file refused by a check, or whose check ran out of memory.
+
+    An ``out-of-memory`` detail names the worker's memory limit, when it has one.
+    """
+    if isinstance(exc, DicomRejected) and exc.code != "out-of-memory":
+        return QuarantinedFile(label, exc.code, exc.reason)
+    reason = exc.reason if isinstance(exc, DicomRejected) else "ran out of memory while checking"
+    limit = memory_limit()
+    if limit is not None:
+        reason += (
+            f" (worker address-space limit {limit / 2**20:.0f} MiB: what the worker mapped at "
+            "its start plus its memory budget)"
+        )
+    return QuarantinedFile(label, "out-of-memory", reason)
 
 
 def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) -> list[str]:
@@ -210,7 +248,7 @@ def list_site_files(site_dir: Path, skip: Callable[[Path], bool] | None = None) 
     Skips ``labels.csv``, hidden files and folders, and what ``skip`` says (it is asked about
     files and folders; a skipped folder is not entered). Links to folders are not followed
     (no loops); they, FIFOs and sub-folders that cannot be listed are returned so that the
-    scan reports them.
+    scan reports them (a link of any kind as ``symbolic-link``).
     """
     found: list[str] = []
     pending = [""]
@@ -255,13 +293,16 @@ def scan_folder(
     max_bytes: int = DEFAULT_MAX_BYTES,
     skip: Callable[[Path], bool] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    worker_memory_bytes: int | None = None,
     _check: Callable[..., CheckResult] = check_file,
 ) -> ScanReport:
     """Check every file under ``site_dir`` in ``workers`` processes.
 
     A file whose check runs past ``timeout_s`` is quarantined as ``decode-timeout``, one whose
     worker dies as ``worker-crashed``; the scan goes on. Files over ``max_bytes`` are refused
-    unread. ``skip(path)`` leaves files or folders out (see :func:`list_site_files`);
+    unread. Each worker's memory may grow by ``worker_memory_bytes`` (None:
+    :func:`default_worker_memory`); a file that needs more is ``out-of-memory``.
+    ``skip(path)`` leaves files or folders out (see :func:`list_site_files`);
     ``on_progress(done, total)`` reports progress; ``_check`` replaces :func:`check_file`
     in tests.
 
@@ -270,13 +311,15 @@ def scan_folder(
     DataError
         When ``site_dir`` is not a folder.
     ConfigError
-        When ``workers``, ``timeout_s`` or ``max_bytes`` is not positive.
+        When ``workers``, ``timeout_s``, ``max_bytes`` or ``worker_memory_bytes`` is not
+        positive.
     """
     if workers < 1 or not timeout_s > 0 or max_bytes < 1:
         raise ConfigError(
             f"workers ({workers}), timeout ({timeout_s} s) and size cap ({max_bytes} bytes) "
             "must be positive; e.g. --workers 2 --timeout 20 --max-mb 256."
         )
+    memory = check_worker_memory(worker_memory_bytes, max_bytes)
     if not site_dir.is_dir():
         raise DataError(
             f"Site data folder {site_dir} does not exist or is not a folder; point to the "
@@ -292,6 +335,7 @@ def scan_folder(
         on_lost=quarantine_lost,
         initializer=quiet_worker,
         on_progress=on_progress,
+        memory_limit_bytes=memory,
     )
     report = _report(site_dir, results)
     log.info(
@@ -302,6 +346,24 @@ def scan_folder(
         len(report.duplicates),
     )
     return report
+
+
+def check_worker_memory(worker_memory_bytes: int | None, max_bytes: int) -> int:
+    """Return a worker's memory budget: as given (checked), or the default for ``max_bytes``.
+
+    Raises
+    ------
+    ConfigError
+        When ``worker_memory_bytes`` is not positive.
+    """
+    if worker_memory_bytes is None:
+        return default_worker_memory(max_bytes)
+    if worker_memory_bytes < 1:
+        raise ConfigError(
+            f"A worker's memory limit must be positive, not {worker_memory_bytes} bytes; leave "
+            f"it unset for the default ({default_worker_memory(max_bytes) // 2**20} MiB)."
+        )
+    return worker_memory_bytes
 
 
 def _report(site_dir: Path, results: list[CheckResult]) -> ScanReport:

@@ -14,6 +14,12 @@ blames one path.
 Workers are forked where the platform allows it, so they start in milliseconds with the
 parent's imports (pydicom, the decoders) already loaded; elsewhere they are spawned, and the
 task must then be picklable.
+
+A run may bound each worker's memory (``memory_limit_bytes``): a worker caps its address space
+(``RLIMIT_AS``) at what it maps when it starts plus that budget, so that a file which expands
+past every check raises ``MemoryError`` in the task (which turns it into a verdict) instead of
+taking the site's memory. Where the platform cannot (no ``RLIMIT_AS`` or ``/proc``: only
+Linux has both), the run logs a warning and goes on unbounded.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import warnings
 from collections import deque
@@ -33,6 +40,9 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
+
+if sys.platform != "win32":
+    import resource
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,35 @@ def quiet_worker() -> None:
     faulthandler.disable()  # a decoder crash is reported as worker-crashed, not as a dump
 
 
+def limit_address_space(budget_bytes: int) -> int | None:
+    """Cap this process's address space at what it maps now plus ``budget_bytes``.
+
+    The soft limit is lowered (never above the hard one), so an allocation past it raises
+    ``MemoryError``. Returns the limit set, or None where the platform cannot set one.
+    """
+    if sys.platform == "win32" or not hasattr(resource, "RLIMIT_AS"):
+        return None
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = mapped + budget_bytes
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (OSError, ValueError, IndexError):
+        return None
+    return limit
+
+
+def memory_limit() -> int | None:
+    """Return the address-space limit of the running process in bytes (None: no limit)."""
+    if sys.platform == "win32" or not hasattr(resource, "RLIMIT_AS"):
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 Finish = Callable[[list[Any], Callable[[int], None]], list[Any]]
 """``finish(results, mark)``: a chunk's results, done together; ``mark(i)`` says it is on
 ``results[i]`` (and restarts that path's clock). It returns one result per result given."""
@@ -85,10 +124,13 @@ def _serve(
     initializer: Callable[[], None] | None,
     parent_pid: int,
     finish: Finish | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> None:
     """Worker loop: run ``task`` on each path of each chunk received, reply per chunk."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
     os.chdir(cwd)
+    if memory_limit_bytes is not None:
+        limit_address_space(memory_limit_bytes)
     if initializer is not None:
         initializer()
     while True:
@@ -145,11 +187,12 @@ class _Pool(Generic[R]):
         cwd: Path,
         initializer: Callable[[], None] | None,
         finish: Finish | None = None,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         methods = mp.get_all_start_methods()
         self.context = mp.get_context("fork" if "fork" in methods else None)
         self.task, self.cwd, self.initializer = task, str(cwd), initializer
-        self.finish = finish
+        self.finish, self.memory_limit_bytes = finish, memory_limit_bytes
         self.workers: list[_Worker] = []
         self.sent = 0
 
@@ -169,6 +212,7 @@ class _Pool(Generic[R]):
                 self.initializer,
                 os.getpid(),
                 self.finish,
+                self.memory_limit_bytes,
             ),
         )
         process.start()
@@ -250,9 +294,12 @@ def _in_progress(worker: _Worker) -> tuple[int, int, float] | None:
 def _exit_detail(code: int | None) -> str:
     if code is not None and code < 0:
         try:
-            return f"killed by {signal.Signals(-code).name}"
+            name = signal.Signals(-code).name
         except ValueError:
             return f"killed by signal {-code}"
+        if -code == signal.SIGKILL:  # the run's own kills are timeouts, reported as such
+            return f"killed by {name}: most likely the system ran out of memory"
+        return f"killed by {name}"
     return f"exit code {code}"
 
 
@@ -267,6 +314,7 @@ def run_in_workers(
     initializer: Callable[[], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     finish: Finish | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> list[R]:
     """Return ``task(item)`` for every item, in order, computed in ``workers`` processes.
 
@@ -275,11 +323,16 @@ def run_in_workers(
     gets ``on_lost(item, kind, detail)`` with ``kind`` a :data:`LostKind`.
     ``on_progress(done, total)`` is called as results arrive. ``finish`` (see :data:`Finish`)
     runs in the worker on each chunk's results; a path it runs past the timeout on is lost
-    like one whose task did.
+    like one whose task did. ``memory_limit_bytes`` bounds the memory each worker may add to
+    what it starts with (see :func:`limit_address_space`); None leaves workers unbounded.
     """
+    if memory_limit_bytes is not None and memory_limit_bytes < 1:
+        raise ValueError(f"memory_limit_bytes must be positive, not {memory_limit_bytes}")
+    if memory_limit_bytes is not None and not _can_limit_memory():
+        log.warning("this platform cannot limit a worker's memory: scan workers run unbounded")
     results: dict[int, R] = {}
     queue = deque(range(len(items)))
-    pool: _Pool[R] = _Pool(task, cwd, initializer, finish)
+    pool: _Pool[R] = _Pool(task, cwd, initializer, finish, memory_limit_bytes)
     poll_s = max(0.01, min(0.5, timeout_s / 10))
 
     def lose(index: int, kind: LostKind, detail: str) -> None:
@@ -299,6 +352,12 @@ def run_in_workers(
     finally:
         pool.close()
     return [results[i] for i in range(len(items))]
+
+
+def _can_limit_memory() -> bool:
+    if sys.platform == "win32":
+        return False
+    return hasattr(resource, "RLIMIT_AS") and os.path.exists("/proc/self/statm")
 
 
 def _dispatch(pool: _Pool[R], queue: deque[int], items: Sequence[str], workers: int) -> None:

@@ -2,8 +2,10 @@
 
 An object is refused when it is not an image (RT, SR, waveforms, SEG, ...), lacks its identity
 tags, or declares burned-in annotation; an image when its pixel attributes are impossible, no
-decoder is installed for its transfer syntax, or its (uncompressed) pixel data length does not
-fit the geometry. :func:`read_checked` runs the whole chain on one file, short of decoding.
+decoder is installed for its transfer syntax, its pixels would decode to more than
+:func:`decoded_cap` bytes, a compressed frame declares a larger image than the header (decoders
+allocate what the codestream says), or its (uncompressed) pixel data length does not fit the
+geometry. :func:`read_checked` runs the whole chain on one file, short of decoding.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import _get_jpg_parameters  # JPEG and JPEG-LS SOF parsing
 from pydicom.uid import UID
 
 from client.dicom.reading import TAGS, element_map, parse_dicom, read_capped, text_value
@@ -25,15 +30,18 @@ from client.dicom.reasons import DicomRejected, describe_error
 
 __all__ = [
     "DECODE_CAP_FACTOR",
+    "MAX_DECODED_BYTES",
     "REQUIRED_IMAGE_TAGS",
     "CheckedDicom",
     "PixelGeometry",
     "check_geometry",
     "check_object",
+    "decoded_cap",
     "read_checked",
 ]
 
-DECODE_CAP_FACTOR = 16  # decoded pixels may be at most this many times the file size cap
+DECODE_CAP_FACTOR = 16  # decoded pixels: at most this many times the size cap (lossy JPEG ~10-20x)
+MAX_DECODED_BYTES = 2**30  # and at most 1 GiB, whatever the size cap (see decoded_cap)
 REQUIRED_IMAGE_TAGS = (
     "Rows",
     "Columns",
@@ -109,10 +117,16 @@ class CheckedDicom:
     geometry: PixelGeometry
 
 
+def decoded_cap(max_bytes: int) -> int:
+    """Most bytes a file's decoded pixels may take under a file size cap of ``max_bytes``."""
+    return min(DECODE_CAP_FACTOR * max_bytes, MAX_DECODED_BYTES)
+
+
 def read_checked(path: Path, *, max_bytes: int) -> CheckedDicom:
     """Read (capped at ``max_bytes``), parse and check one file, without decoding its pixels.
 
-    Decoded pixels may take at most :data:`DECODE_CAP_FACTOR` times ``max_bytes``.
+    A deflated file's data may inflate to at most ``max_bytes``; decoded pixels may take at
+    most :func:`decoded_cap` of it.
 
     Raises
     ------
@@ -120,9 +134,9 @@ def read_checked(path: Path, *, max_bytes: int) -> CheckedDicom:
         With the code of the first check the file fails.
     """
     data, info = read_capped(path, max_bytes=max_bytes)
-    ds = parse_dicom(data, path)
+    ds = parse_dicom(data, path, max_inflated_bytes=max_bytes)
     check_object(ds, path)
-    geometry = check_geometry(ds, path, max_decoded_bytes=DECODE_CAP_FACTOR * max_bytes)
+    geometry = check_geometry(ds, path, max_decoded_bytes=decoded_cap(max_bytes))
     return CheckedDicom(data, info, ds, geometry)
 
 
@@ -190,7 +204,9 @@ def check_geometry(ds: Dataset, path: Path, *, max_decoded_bytes: int) -> PixelG
             f"pixels would decode to {expected} bytes, over the cap of {max_decoded_bytes}",
             code="too-large",
         )
-    if not geometry.transfer_syntax.is_encapsulated:
+    if geometry.transfer_syntax.is_encapsulated:
+        _check_frames(ds.get_item(TAGS["PixelData"]).value or b"", geometry, path)
+    else:
         actual = len(ds.get_item(TAGS["PixelData"]).value or b"")
         if actual not in (expected, expected + expected % 2):
             raise DicomRejected(
@@ -199,6 +215,58 @@ def check_geometry(ds: Dataset, path: Path, *, max_decoded_bytes: int) -> PixelG
                 code="pixel-data-length",
             )
     return geometry
+
+
+def _check_frames(pixel_data: bytes, geometry: PixelGeometry, path: Path) -> None:
+    """Refuse a compressed frame whose codestream declares a larger image than the header.
+
+    A frame starts at the first fragment and after each fragment that ends a codestream
+    (EOI / EOC, ``FF D9``, perhaps padded). Encapsulation that cannot be read is left to
+    the decoder, which reads it the same way.
+    """
+    starts_frame = True
+    try:
+        fragments = generate_fragments(pixel_data)
+        next(fragments, None)  # the Basic Offset Table
+        for number, fragment in enumerate(fragments, start=1):
+            if starts_frame:
+                declared = _frame_size(fragment)
+                if declared is not None and (
+                    declared[0] > geometry.rows
+                    or declared[1] > geometry.columns
+                    or declared[2] > geometry.samples_per_pixel
+                ):
+                    raise DicomRejected(
+                        path,
+                        f"compressed fragment {number} declares {declared[0]} x {declared[1]} "
+                        f"x {declared[2]} samples, the header {geometry.rows} x "
+                        f"{geometry.columns} x {geometry.samples_per_pixel}",
+                        code="too-large",
+                    )
+            tail = fragment[-3:]
+            starts_frame = tail.endswith(b"\xff\xd9") or tail.startswith(b"\xff\xd9")
+    except (ValueError, struct.error):
+        return
+
+
+def _frame_size(codestream: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares."""
+    if codestream.startswith(b"\xff\xd8"):  # SOI: JPEG or JPEG-LS
+        info = _get_jpg_parameters(codestream)
+        if "height" not in info:
+            return None
+        return int(info["height"]), int(info["width"]), int(info["components"])
+    offset = 0
+    if codestream.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: find the codestream
+        offset = codestream.find(b"\xff\x4f\xff\x51", 12, 1 << 16)
+    if offset < 0 or codestream[offset : offset + 4] != b"\xff\x4f\xff\x51":  # SOC, SIZ
+        return None
+    siz = codestream[offset + 4 : offset + 42]  # Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ... Csiz
+    if len(siz) < 38:
+        return None
+    x, y, x_offset, y_offset = struct.unpack(">IIII", siz[4:20])
+    (components,) = struct.unpack(">H", siz[36:38])
+    return y - y_offset, x - x_offset, components
 
 
 @functools.lru_cache(maxsize=64)

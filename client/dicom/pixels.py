@@ -53,7 +53,7 @@ def decode_pixels(ds: Dataset, geometry: PixelGeometry, path: Path) -> np.ndarra
     Raises
     ------
     DicomRejected
-        ``undecodable``, or ``too-large`` when decoding runs out of memory.
+        ``undecodable``, or ``out-of-memory`` when decoding runs out of memory.
     """
     pixels = _native_grey(ds, geometry)
     if pixels is not None:
@@ -63,7 +63,7 @@ def decode_pixels(ds: Dataset, geometry: PixelGeometry, path: Path) -> np.ndarra
         try:
             pixels = pixel_array(ds)  # ds.pixel_array, without its cache checks
         except MemoryError:
-            raise DicomRejected(path, "decoding ran out of memory", code="too-large") from None
+            raise DicomRejected(path, "decoding ran out of memory", code="out-of-memory") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "reject this file"
             reason = f"pixel data cannot be decoded ({describe_error(exc)})"
             raise DicomRejected(path, reason) from None
@@ -126,6 +126,9 @@ def modality_values(pixels: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
     if values is None:
         try:
             values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+        except MemoryError:
+            reason = "applying the modality LUT ran out of memory"
+            raise DicomRejected(path, reason, code="out-of-memory") from None
         except Exception as exc:  # noqa: BLE001 - a damaged LUT means "reject this file"
             reason = f"modality LUT cannot be applied ({describe_error(exc)})"
             raise DicomRejected(path, reason) from None

@@ -1,17 +1,21 @@
 """Reading one DICOM file: a size-capped read, a complete parse, the attributes kept at the site.
 
 Never ``force=True``: a file without a DICOM preamble is rejected, not guessed at. A file cut
-short is rejected here, because pydicom reads a truncated file without complaint. Attribute
+short is rejected here, because pydicom reads a truncated file without complaint. A symbolic
+link is never followed (:func:`open_unlinked`), and a deflated file is inflated only when its
+data inflate to no more than the size cap: pydicom inflates whole, unbounded. Attribute
 access goes straight to the dataset's elements (:func:`text_value`): pydicom's own lookups
 cost more than the checks on small files.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
 import struct
+import zlib
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -21,12 +25,25 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import (  # what dcmread runs before it inflates
+    _read_command_set_elements,
+    _read_file_meta_info,
+    read_preamble,
+)
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from client.dicom.reasons import DicomRejected, describe_error
 
-__all__ = ["TAGS", "element_map", "header_attributes", "parse_dicom", "read_capped", "text_value"]
+__all__ = [
+    "TAGS",
+    "element_map",
+    "header_attributes",
+    "open_unlinked",
+    "parse_dicom",
+    "read_capped",
+    "text_value",
+]
 
 TAGS: dict[str, BaseTag] = {
     keyword: BaseTag(tag_for_keyword(keyword) or 0)
@@ -62,22 +79,76 @@ TAGS: dict[str, BaseTag] = {
 }
 """Tags of the attributes read here: indexing by BaseTag skips pydicom's keyword lookup."""
 _NOT_DICOM = "not a readable DICOM file (no preamble and 'DICM' prefix)"
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_DEFLATED_UID = str(DeflatedExplicitVRLittleEndian).encode("ascii")
+_INFLATE_IN, _INFLATE_OUT = 2**16, 2**20  # bytes fed to and taken from zlib per call
+_COPY_IN = "copy the file itself into the site folder"
+
+
+def open_unlinked(path: Path) -> int:
+    """Open a file for reading (non-blocking) without following a symbolic link on the way.
+
+    The file is opened with ``O_NOFOLLOW``. The folders of a relative path (relative to the
+    working directory: a scan worker's is the site folder) are opened one by one, each with
+    ``O_NOFOLLOW`` and relative to the one before, so that a link planted anywhere on the
+    way, even after the folder was listed, cannot lead out of the folder. The folders of an
+    absolute path are the caller's choice and are followed.
+
+    Returns
+    -------
+    int
+        The open file descriptor (the caller closes it).
+
+    Raises
+    ------
+    DicomRejected
+        ``symbolic-link`` or ``unreadable``.
+    """
+    parts = path.parts
+    folder_fd: int | None = None
+    try:
+        if not path.is_absolute():
+            for index, part in enumerate(parts[:-1]):
+                try:
+                    next_fd = os.open(part, _FOLDER_FLAGS | _NO_FOLLOW, dir_fd=folder_fd)
+                except OSError as exc:
+                    where = "/".join(parts[: index + 1])
+                    link = f"reached through the linked folder {where}"
+                    raise _open_error(path, exc, where, link) from None
+                if folder_fd is not None:
+                    os.close(folder_fd)
+                folder_fd = next_fd
+        name = parts[-1] if folder_fd is not None else str(path)
+        try:
+            return os.open(name, _OPEN_FLAGS | _NO_FOLLOW, dir_fd=folder_fd)
+        except OSError as exc:
+            raise _open_error(path, exc, str(path), "a symbolic link") from None
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)
+
+
+def _open_error(path: Path, exc: OSError, where: str, link: str) -> DicomRejected:
+    """The rejection for a failed open of ``where``: a link met there, or unreadable."""
+    if exc.errno == errno.ELOOP or os.path.islink(where):
+        return DicomRejected(path, f"{link}: {_COPY_IN}", code="symbolic-link")
+    return DicomRejected(path, f"cannot be opened ({exc.strerror})", code="unreadable")
 
 
 def read_capped(path: Path, *, max_bytes: int) -> tuple[bytes, os.stat_result]:
     """Read a whole regular file, refusing one over ``max_bytes`` before reading it.
 
-    The file is opened non-blocking, so a FIFO planted in the folder cannot hang the reader.
+    The file is opened non-blocking, so a FIFO planted in the folder cannot hang the reader,
+    and never through a symbolic link (:func:`open_unlinked`).
 
     Raises
     ------
     DicomRejected
-        ``unreadable``, ``not-dicom`` (not a regular file) or ``too-large``.
+        ``symbolic-link``, ``unreadable``, ``not-dicom`` (not a regular file) or ``too-large``.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise DicomRejected(path, f"cannot be opened ({exc.strerror})", code="unreadable") from None
+    fd = open_unlinked(path)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -112,20 +183,28 @@ def _read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_dicom(data: bytes, path: Path) -> Dataset:
+def parse_dicom(data: bytes, path: Path, *, max_inflated_bytes: int | None = None) -> Dataset:
     """Parse a whole Part-10 file held in memory (never forced) and check it is complete.
+
+    A deflated file is parsed only when its data inflate to at most ``max_inflated_bytes``
+    (measured in small steps first, never held whole); None leaves inflation unbounded.
 
     Raises
     ------
     DicomRejected
-        ``not-dicom``, ``truncated`` or ``malformed``.
+        ``not-dicom``, ``inflated-too-large``, ``truncated``, ``malformed`` or
+        ``out-of-memory``.
     """
     if not data:
         raise DicomRejected(path, "empty file (0 bytes)", code="not-dicom")
+    if max_inflated_bytes is not None and _DEFLATED_UID in data:  # a fast scan of the bytes
+        _check_inflated_size(data, path, max_inflated_bytes)
     try:
         ds = pydicom.dcmread(BytesIO(data))
     except InvalidDicomError:
         raise DicomRejected(path, _NOT_DICOM, code="not-dicom") from None
+    except MemoryError:
+        raise DicomRejected(path, "parsing ran out of memory", code="out-of-memory") from None
     except (EOFError, OSError, struct.error) as exc:  # pydicom's ways of meeting the end
         reason = f"file truncated inside the header ({describe_error(exc)})"
         raise DicomRejected(path, reason, code="truncated") from None
@@ -134,6 +213,52 @@ def parse_dicom(data: bytes, path: Path) -> Dataset:
         raise DicomRejected(path, reason, code="malformed") from None
     _check_complete(ds, len(data), path)
     return ds
+
+
+def _deflated_start(data: bytes) -> int | None:
+    """Where a deflated file's deflated data begin (as dcmread finds them), else None."""
+    stream = BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None
+        _read_command_set_elements(stream)
+    except Exception:  # noqa: BLE001 - not parseable: the full parse says why
+        return None
+    return stream.tell()
+
+
+def _check_inflated_size(data: bytes, path: Path, limit: int) -> None:
+    """Refuse a deflated file whose data inflate to more than ``limit`` bytes.
+
+    The data are inflated in steps of at most 1 MiB of output, each dropped at once. A
+    stream that zlib cannot inflate is left to the full parse, which fails at the same
+    point: the decoder is deterministic, so it never gets further than measured here.
+    """
+    start = _deflated_start(data)
+    if start is None:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data)
+    total = 0
+    try:
+        for offset in range(start, len(data), _INFLATE_IN):
+            pending: bytes | memoryview = view[offset : offset + _INFLATE_IN]
+            while pending and not inflater.eof:
+                total += len(inflater.decompress(pending, _INFLATE_OUT))
+                if total > limit:
+                    raise DicomRejected(
+                        path,
+                        f"deflated data inflate to more than {limit} bytes, the size cap "
+                        f"(the file has {len(data)})",
+                        code="inflated-too-large",
+                    )
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                return
+    except zlib.error:
+        return
 
 
 def _check_complete(ds: Dataset, size: int, path: Path) -> None:

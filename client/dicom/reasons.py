@@ -15,9 +15,17 @@ __all__ = ["REASON_HELP", "DicomRejected", "describe_error"]
 REASON_HELP: dict[str, str] = {
     "not-dicom": "not a DICOM Part-10 file (no preamble and 'DICM' prefix): empty, text, an "
     "image format, random bytes, or not a regular file",
-    "unreadable": "the file cannot be read from disk (permissions, I/O error, broken link)",
+    "unreadable": "the file cannot be read from disk (permissions, I/O error)",
     "too-large": "over the size cap (--max-mb; not read), or its pixels would decode to more "
-    "than 16 times the cap",
+    "than 16 times the cap or 1 GiB, or a compressed frame declares a larger image than the "
+    "header",
+    "inflated-too-large": "a deflated (Deflated Explicit VR Little Endian) file whose data "
+    "inflate to more than the size cap (--max-mb): a decompression bomb, or a file to "
+    "re-export uncompressed",
+    "symbolic-link": "a symbolic link, or a path through a linked folder: only files stored in "
+    "the site folder are read; copy the file itself into the folder",
+    "out-of-memory": "checking the file ran into its worker's memory limit: a file that "
+    "expands beyond what its header declares, or a limit set too low for the site's images",
     "truncated": "the file ends inside an element it declares: an interrupted copy or export",
     "malformed": "the header cannot be parsed, or an image attribute holds an impossible value "
     "(Rows 0, NumberOfFrames '1A', BitsAllocated 12)",
