@@ -14,6 +14,7 @@ from privacy.accounting import (
     HistoryEntry,
     LedgerError,
     PrivacyRefused,
+    StudyNotAllowed,
     client_level_epsilon,
     compute_epsilon,
     history_delta,
@@ -40,7 +41,7 @@ from privacy.dp import (
     noise_share,
     resolve_dp,
 )
-from privacy.ledger import LedgerRound, PrivacyLedger
+from privacy.ledger import LedgerRound, PrivacyLedger, SiteSpend, StudySpend, site_spend
 
 __all__ = [
     "ACCOUNTANTS",
@@ -58,6 +59,9 @@ __all__ = [
     "PrivacyRefused",
     "PrivateUpdate",
     "SiteLimits",
+    "SiteSpend",
+    "StudyNotAllowed",
+    "StudySpend",
     "check_client_round",
     "client_level_epsilon",
     "client_noise_multiplier",
@@ -71,4 +75,5 @@ __all__ = [
     "planned_client_epsilon",
     "privatize_update",
     "resolve_dp",
+    "site_spend",
 ]
