@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 
 from client.secagg import ERROR_CODE_REFUSED, ERROR_CODE_SECAGG, SESSION_STATE, register
 from fedrad.core import evalsums, keys
+from fedrad.core.errors import ERROR_DATA, ERROR_INPUT_RANGE, ERROR_SENTENCES
 from privacy.secagg import (
     ConfigurationError,
     RoundSetup,
@@ -362,7 +363,7 @@ def test_a_site_refuses_a_malicious_unmask_request():
 
     refusal = next(r for r in grid.replies if r.has_error())
     assert refusal.error.code == ERROR_CODE_REFUSED
-    assert "OverlappingSetsError" in refusal.error.reason
+    assert refusal.error.reason == ERROR_SENTENCES[ERROR_CODE_REFUSED]  # no exception text
     assert result.status == "completed"  # the other four answered; the refuser is in the sum
     _assert_fedavg(result, _plain(grid, range(5)))
 
@@ -374,7 +375,8 @@ def test_an_update_outside_the_clipping_range_is_refused_without_its_values():
     result = _round(grid)
 
     error = next(r.error for r in grid.replies if r.has_error())
-    assert error.code == ERROR_CODE_SECAGG and "clipping range" in error.reason
+    assert error.code == ERROR_INPUT_RANGE and "clipping range" in error.reason
+    assert error.reason == ERROR_SENTENCES[ERROR_INPUT_RANGE]
     assert re.search(r"\d\.\d|e-\d", error.reason) is None  # no value of the update leaks
     assert result.status == "completed" and "node-1004" in result.dropped
     _assert_fedavg(result, _plain(grid, range(4)))
@@ -392,7 +394,8 @@ def test_a_stage_message_without_a_round_is_refused():
     reply = app(message, context)
 
     assert reply.has_error() and reply.error.code == ERROR_CODE_SECAGG
-    assert "no secure-aggregation round" in reply.error.reason
+    assert reply.error.reason == ERROR_SENTENCES[ERROR_CODE_SECAGG]
+    assert "no round in progress" in reply.error.reason
 
 
 def test_a_training_failure_becomes_an_error_reply():
@@ -406,7 +409,8 @@ def test_a_training_failure_becomes_an_error_reply():
     result = _round(grid, threshold=2)
 
     assert result.status == "aborted"
-    assert all("no training samples" in reason for reason in result.failures.values())
+    assert all(ERROR_SENTENCES[ERROR_DATA] in reason for reason in result.failures.values())
+    assert not any("no training samples" in reason for reason in result.failures.values())
     assert all(isinstance(r.error, Error) for r in grid.replies)
 
 
