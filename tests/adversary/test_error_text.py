@@ -41,6 +41,7 @@ from server.strategies import numpy_to_arrays
 pytestmark = pytest.mark.timeout(180)
 
 CANARY_FILE = "images/DOE_JOHN_MRN4711_1961-02-03.dcm"
+CANARY_MISSING = "images/DOE_JOHN_MRN4711_1961-02-03_series2.dcm"
 FLOWER_RAISED = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
@@ -95,11 +96,13 @@ def task_identity(monkeypatch):
 
 @pytest.fixture
 def canary_site(tmp_path: Path) -> Path:
-    """A site whose only labelled file, named after a patient, is not DICOM."""
+    """A site whose labelled files, named after a patient, are not DICOM or gone."""
     site = tmp_path / "site-DOE4711"
     (site / "images").mkdir(parents=True)
     (site / CANARY_FILE).write_bytes(b"not a DICOM file " * 64)
-    (site / "labels.csv").write_text(f"id,label\n{CANARY_FILE},1\n", encoding="utf-8")
+    (site / "labels.csv").write_text(
+        f"id,label\n{CANARY_FILE},1\n{CANARY_MISSING},0\n", encoding="utf-8"
+    )
     return site
 
 
@@ -156,9 +159,9 @@ def test_weakened_site_leaks_the_failing_file_name(canary_site, tmp_path, task_i
     # Execute: the handler as it was
     reply = old_guarded(client_app._train_site)(request(), context(canary_site, tmp_path))
 
-    # Assert: the attack works against it (the site folder's name in the text, at least)
+    # Assert: the attack works against it: the patient's file name and the site's path
     assert reply.has_error()
-    assert leaks(reply, "DOE4711") == ["DOE4711"]
+    assert leaks(reply, CANARY_MISSING, str(canary_site)) == [CANARY_MISSING, str(canary_site)]
 
 
 @pytest.mark.parametrize("handler_name", ["train", "evaluate"])
@@ -177,8 +180,8 @@ def test_a_failing_file_name_never_leaves_the_site(
     assert reply.has_error()
     assert (reply.error.code, reply.error.reason) == (ERROR_DATA, ERROR_SENTENCES[ERROR_DATA])
     assert leaks(reply, "DOE", "4711", "1961", str(tmp_path)) == []
-    assert "site-DOE4711" in caplog.text
-    assert "site-DOE4711" in (tmp_path / "site.log").read_text(encoding="utf-8")
+    assert CANARY_MISSING in caplog.text
+    assert CANARY_MISSING in (tmp_path / "site.log").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------- a canary inside a foreign (non-fedrad) error
