@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from client.dataset import SiteDataset
 from client.disclosure import subgroup_counts
 from client.dp_train import DPTrainSums, train_local_dp
+from client.errors import log_refusal
 from client.reply import check_reply
 from client.secagg import SecureInput
 from client.secagg import register as register_secagg
@@ -27,7 +28,7 @@ from client.site import Site, resolve_site, site_dataset
 from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, train_local
 from fedrad.core import evalsums, keys
 from fedrad.core.config import NodeConfig, RunConfig
-from fedrad.core.errors import FedradError
+from fedrad.core.errors import ERROR_DATA, FedradError
 from models import DP_GRAD_SAMPLE_MODES, ModelSpec
 from privacy import (
     ClientDPPlan,
@@ -45,8 +46,8 @@ from privacy.secagg.wire import LOSS_ARRAY, LOSS_RANGE
 
 log = logging.getLogger(__name__)
 
-ERROR_CODE_FEDRAD = 100
-"""Error code of a reply refused on purpose (bad data, bad request); Flower uses 0-3."""
+ERROR_CODE_FEDRAD = ERROR_DATA
+"""Error code of a reply refused for the site's data; all codes: ``fedrad.core.errors``."""
 
 app = ClientApp()
 
@@ -91,16 +92,25 @@ _NON_RUN_KEYS = frozenset({keys.SERVER_ROUND, keys.MODEL_SPEC, keys.SPLIT})
 
 
 def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
-    """Run a handler; turn fedrad's own errors into an error reply with the reason."""
+    """Run a handler; turn every exception into an error reply with a code and fixed sentence.
+
+    The site's allow-list (``allowed-studies``) is checked before anything else. The reply
+    carries only :func:`client.errors.refusal`'s code and sentence; the exception's text
+    (paths, file names, labels) goes to the site's own log. ``Exception``, not
+    ``BaseException``: an interrupt still stops the node.
+    """
 
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             site = _site(context)
+            _check_study(msg, site)
             content = handler(msg, context, site)
             check_reply(content, min_cell_count=site.min_cell_count)
-        except FedradError as exc:
-            log.error("refusing %s request: %s", msg.metadata.message_type, exc)
-            return Message(Error(code=ERROR_CODE_FEDRAD, reason=str(exc)), reply_to=msg)
+        except Exception as exc:  # the edge: nothing the site did not choose may leave
+            code, sentence = log_refusal(
+                exc, message_type=msg.metadata.message_type, node_config=context.node_config
+            )
+            return Message(Error(code=code, reason=sentence), reply_to=msg)
         return Message(content, reply_to=msg)
 
     wrapper.__name__ = handler.__name__
@@ -111,6 +121,13 @@ def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
 def _min_threshold(context: Context) -> int:
     """The site's smallest accepted secure-aggregation threshold (its node config)."""
     return _site(context).secagg_min_threshold
+
+
+def _check_study(msg: Message, site: Site) -> None:
+    """Refuse a study outside the site's non-empty ``allowed-studies`` before any work."""
+    record = msg.content.config_records.get(keys.CONFIG)
+    study = record.get("study-id", "") if record is not None else ""
+    site.limits.check_study(str(study))
 
 
 def _settings(config: RunConfig, config_record: ConfigRecord, server_round: int) -> TrainSettings:
@@ -181,6 +198,7 @@ def _secure_input(msg: Message, context: Context, setup: RoundSetup) -> SecureIn
     loss entry is zero (withheld).
     """
     site = _site(context)
+    _check_study(msg, site)
     config, model = _request(msg, site)
     config_record = msg.content.config_records[keys.CONFIG]
     server_round = _config_int(config_record, keys.SERVER_ROUND)
@@ -365,7 +383,9 @@ def _released_sums(
 
 def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
     """The released evaluation sums of the message's model as secure-aggregation counts."""
-    config, _, released = _released_sums(msg, context, _site(context))
+    site = _site(context)
+    _check_study(msg, site)
+    config, _, released = _released_sums(msg, context, site)
     return evalsums.to_counts(released, num_classes=config.num_classes)
 
 

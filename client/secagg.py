@@ -24,10 +24,10 @@ its discrete Gaussian noise share on the integers, sized by the threshold of the
 it has verified (at least its own ``secagg-min-threshold``), never by a config value.
 
 Every reply holds exactly one ConfigRecord, ``secagg``, with one site-to-coordinator message.
-A refused or failed request becomes an error reply (code :data:`ERROR_CODE_REFUSED` when the
-site refuses a request that could reveal an input, :data:`ERROR_CODE_SECAGG` otherwise), never
-a crash. Errors about the site's own update are reported without their values: the reason
-travels in the clear.
+A refused or failed request, whatever the exception, becomes an error reply with a stable
+code and its fixed sentence (:mod:`client.errors`; :data:`ERROR_CODE_REFUSED` when the site
+refuses a request that could reveal an input), never a crash and never the exception's text:
+the reason travels in the clear, the detail stays in the site's log.
 """
 
 from __future__ import annotations
@@ -41,17 +41,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.errors import log_refusal
 from client.reply import check_reply
 from fedrad.core import keys
-from fedrad.core.errors import FedradError
+from fedrad.core.errors import ERROR_REVEALING, ERROR_SECAGG
 from privacy.secagg import (
     ClientSession,
-    InputError,
     KeyBroadcast,
     ProtocolError,
-    RequestRefused,
     RoundSetup,
-    SecAggError,
     ShareDelivery,
     UnmaskRequest,
 )
@@ -77,10 +75,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ERROR_CODE_SECAGG = 101
+ERROR_CODE_SECAGG = ERROR_SECAGG
 """Error code of a secure-aggregation request the site could not serve (bad setup, bad data)."""
 
-ERROR_CODE_REFUSED = 102
+ERROR_CODE_REFUSED = ERROR_REVEALING
 """Error code of a request the site refused because answering could reveal an input."""
 
 # context.state records: site-local, they never leave the node.
@@ -128,36 +126,30 @@ def register(
 
 
 def _handler(step: Step) -> Callable[[Message, Context], Message]:
-    """Run one step; turn every refusal or failure into an error reply and forget the round."""
+    """Run one step; turn every exception into an error reply and forget the round.
+
+    ``Exception``, not ``BaseException``: an interrupt still stops the node. The reply names
+    a code and its fixed sentence only (:mod:`client.errors`); the detail stays in the log.
+    """
 
     def handle(msg: Message, context: Context) -> Message:
         try:
             content = step(msg, context)
             check_reply(content)  # a secagg record holds no subgroup cells
-        except RequestRefused as exc:
-            return _error_reply(msg, context, ERROR_CODE_REFUSED, exc)
-        except (SecAggError, FedradError) as exc:
-            return _error_reply(msg, context, ERROR_CODE_SECAGG, exc)
-        except Exception:
-            _forget(context)  # fail closed: no half-finished session survives
-            raise
+        except Exception as exc:  # the edge: fail closed, no half-finished session survives
+            return _error_reply(msg, context, exc)
         return Message(content, reply_to=msg)
 
     handle.__name__ = getattr(step, "__name__", getattr(step, "func", step).__name__)
     return handle
 
 
-def _error_reply(msg: Message, context: Context, code: int, exc: Exception) -> Message:
+def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
     _forget(context)
-    log.warning("refusing %s: %s: %s", msg.metadata.message_type, type(exc).__name__, exc)
-    if isinstance(exc, InputError):  # about the site's own update: keep its values here
-        reason = (
-            f"{type(exc).__name__}: this site's update does not fit the round (a value outside "
-            "the clipping range, or a weight outside [1, max-weight]); details in the site's log"
-        )
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+    code, sentence = log_refusal(
+        exc, message_type=msg.metadata.message_type, node_config=context.node_config
+    )
+    return Message(Error(code=code, reason=sentence), reply_to=msg)
 
 
 @dataclass(frozen=True)

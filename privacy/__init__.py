@@ -14,6 +14,7 @@ from privacy.accounting import (
     HistoryEntry,
     LedgerError,
     PrivacyRefused,
+    StudyNotAllowed,
     client_level_epsilon,
     compute_epsilon,
     history_delta,
@@ -39,7 +40,7 @@ from privacy.dp import (
     default_delta,
     resolve_dp,
 )
-from privacy.ledger import LedgerRound, PrivacyLedger
+from privacy.ledger import LedgerRound, PrivacyLedger, SiteSpend, StudySpend, site_spend
 from privacy.release import EvalRelease, eval_entry, release_eval_sums
 
 __all__ = [
@@ -59,6 +60,9 @@ __all__ = [
     "PrivacyRefused",
     "PrivateUpdate",
     "SiteLimits",
+    "SiteSpend",
+    "StudyNotAllowed",
+    "StudySpend",
     "check_client_round",
     "client_level_epsilon",
     "client_noise_multiplier",
@@ -73,4 +77,5 @@ __all__ = [
     "privatize_update",
     "release_eval_sums",
     "resolve_dp",
+    "site_spend",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "HistoryEntry",
     "LedgerError",
     "PrivacyRefused",
+    "StudyNotAllowed",
     "client_level_epsilon",
     "compute_epsilon",
     "history_delta",
@@ -66,6 +67,10 @@ class BudgetExhausted(PrivacyRefused):
         self.spent = spent
         self.target = target
         self.projected = projected
+
+
+class StudyNotAllowed(PrivacyRefused):
+    """The study is not in the site's non-empty ``allowed-studies``: the site takes no part."""
 
 
 class LedgerError(FedradError):

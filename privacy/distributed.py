@@ -254,6 +254,7 @@ def check_client_round(*, plan: ClientDPPlan, limits: SiteLimits, ledger: Privac
         delta=plan.delta,
         accountant=CLIENT_LEVEL_ACCOUNTANT,
     )
+    ledger.check_site_budget(projected=projected, limits=limits)  # allow-list, site total
     if projected > budget:
         raise BudgetExhausted(
             f"Client-level privacy budget of study '{plan.study_id}' at site "

@@ -22,6 +22,7 @@ from privacy.accounting import (
     ACCOUNTANTS,
     HistoryEntry,
     PrivacyRefused,
+    StudyNotAllowed,
     noise_multiplier_for,
 )
 from privacy.checks import check_count, check_identifier, check_positive, check_probability
@@ -119,19 +120,47 @@ class SiteLimits:
         Largest study epsilon this site accepts.
     max_delta : float
         Largest delta this site accepts.
+    max_total_epsilon : float
+        Ceiling on the epsilon this site spends over all studies together (basic composition,
+        see :func:`privacy.ledger.site_spend`); infinite only when built by hand (tests).
+    allowed_studies : tuple[str, ...]
+        The only study ids this site takes part in; empty: any study.
     """
 
     max_epsilon: float
     max_delta: float
+    max_total_epsilon: float = math.inf
+    allowed_studies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_positive("max-epsilon", self.max_epsilon)
         check_probability("max-delta", self.max_delta)
+        if not self.max_total_epsilon > 0:  # infinity allowed: a deliberately unbounded site
+            raise ConfigError(
+                f"'max-total-epsilon' must be a positive number, got {self.max_total_epsilon!r}."
+            )
 
     @classmethod
     def from_node_config(cls, node: NodeConfig) -> SiteLimits:
-        """The ceilings of a site's parsed node config (``max-epsilon``, ``max-delta``)."""
-        return cls(max_epsilon=node.max_epsilon, max_delta=node.max_delta)
+        """The ceilings of a site's parsed node config.
+
+        ``max-epsilon``, ``max-delta``, ``max-total-epsilon`` and ``allowed-studies``.
+        """
+        return cls(
+            max_epsilon=node.max_epsilon,
+            max_delta=node.max_delta,
+            max_total_epsilon=node.max_total_epsilon,
+            allowed_studies=node.allowed_study_ids,
+        )
+
+    def check_study(self, study_id: str) -> None:
+        """Raise StudyNotAllowed if this site's non-empty ``allowed-studies`` lacks ``study_id``."""
+        if self.allowed_studies and study_id not in self.allowed_studies:
+            raise StudyNotAllowed(
+                f"Study '{study_id}' is not in this site's allowed-studies "
+                f"({', '.join(self.allowed_studies)}): the site takes no part in it. Only the "
+                "site's operator can add a study to its node config."
+            )
 
     def check(self, *, epsilon: float, delta: float) -> None:
         """Raise PrivacyRefused if ``(epsilon, delta)`` exceeds this site's ceilings."""
@@ -170,6 +199,8 @@ class DPPlan:
     local_epochs: int
     steps_per_epoch: int
     steps_per_round: int
+    max_total_epsilon: float = math.inf
+    """The site's ceiling over all studies (``SiteLimits.max_total_epsilon``)."""
 
     @property
     def round_entry(self) -> HistoryEntry:
@@ -241,10 +272,12 @@ def resolve_dp(
     Raises
     ------
     PrivacyRefused
-        If the request asks for more epsilon or delta than the site allows.
+        If the request asks for more epsilon or delta than the site allows
+        (:class:`~privacy.accounting.StudyNotAllowed` for a study outside ``allowed-studies``).
     BudgetExhausted
         If a noise multiplier must be derived and no value fits what is left of the budget.
     """
+    limits.check_study(request.study_id)  # before anything is computed
     check_count("num_train_samples", num_train_samples)
     check_count("batch-size", batch_size)
     delta = _choose_delta(request, limits, num_train_samples, study_delta)
@@ -278,6 +311,7 @@ def resolve_dp(
         local_epochs=request.local_epochs,
         steps_per_epoch=steps_per_epoch,
         steps_per_round=steps_per_round,
+        max_total_epsilon=limits.max_total_epsilon,
     )
 
 

@@ -15,6 +15,13 @@ A ledger that cannot be read, does not match its schema, belongs to another stud
 or whose history does not reproduce its recorded epsilons raises :class:`LedgerError`:
 training stops rather than start again from zero. Never delete a ledger to "fix" it: that
 resets the study's spent budget at this site; restore it from a backup instead.
+
+A coordinator can always name a new study. So the site also keeps a site-wide index
+(``<root>/_site-index/<site-id>.json``, replaced atomically like a ledger) of every ledger it
+has ever written, with its round count, epsilon and digest, and charges every round against
+its ``max-total-epsilon`` over all studies and both levels (:func:`site_spend`). A ledger the
+index knows that is missing, has fewer rounds or less epsilon, or was rewritten is a
+:class:`LedgerError`, never a fresh budget.
 """
 
 from __future__ import annotations
@@ -42,7 +49,16 @@ from privacy.accounting import (
     validate_history_entry,
 )
 from privacy.checks import check_identifier
-from privacy.dp import DPPlan
+from privacy.dp import DPPlan, SiteLimits
+from privacy.site_index import (
+    LEVEL_DIRS,
+    IndexEntry,
+    index_path,
+    ledger_files,
+    ledger_path,
+    read_index,
+    write_index,
+)
 
 try:  # POSIX: serialise writers of one ledger; elsewhere the digest check still catches races
     import fcntl
@@ -56,6 +72,9 @@ __all__ = [
     "LEDGER_VERSION",
     "LedgerRound",
     "PrivacyLedger",
+    "SiteSpend",
+    "StudySpend",
+    "site_spend",
 ]
 
 LEDGER_SCHEMA = "fedrad-privacy-ledger"
@@ -64,7 +83,6 @@ CLIENT_LEVEL_SCHEMA = "fedrad-client-level-ledger"
 """Schema of a client-level (distributed DP) ledger."""
 LEDGER_LEVELS: dict[str, str] = {"sample": LEDGER_SCHEMA, "client": CLIENT_LEVEL_SCHEMA}
 """Ledger schema per DP level (the run config's ``dp`` mode)."""
-_CLIENT_LEVEL_DIR = "_client-level"  # starts with '_': never a study id
 LEDGER_VERSION = 1
 _EPSILON_REL_TOL = 1e-6  # recorded vs recomputed epsilon; a tampered value is far off
 _TOP_KEYS = {"schema", "version", "study_id", "site_id", "accountant", "delta", "history", "rounds"}
@@ -99,8 +117,10 @@ class PrivacyLedger:
         rounds: tuple[LedgerRound, ...],
         digest: str | None,
         level: str = "sample",
+        root: Path | None = None,
     ):
         self._path = path
+        self._root = root if root is not None else _root_of(path, level)
         self._level = level
         self._study_id = study_id
         self._site_id = site_id
@@ -133,8 +153,7 @@ class PrivacyLedger:
             raise ValueError(f"level must be one of {', '.join(LEDGER_LEVELS)}, got {level!r}.")
         check_identifier("study-id", study_id)
         check_identifier("site-id", site_id)
-        folder = Path(root) if level == "sample" else Path(root) / _CLIENT_LEVEL_DIR
-        path = folder / study_id / f"{site_id}.json"
+        path = ledger_path(Path(root), level=level, study_id=study_id, site_id=site_id)
         data = _read_bytes(path)
         if data is None:
             return cls(
@@ -146,6 +165,7 @@ class PrivacyLedger:
                 rounds=(),
                 digest=None,
                 level=level,
+                root=Path(root),
             )
         delta, accountant, rounds = _parse(
             data, path, study_id=study_id, site_id=site_id, schema=LEDGER_LEVELS[level]
@@ -159,6 +179,7 @@ class PrivacyLedger:
             rounds=rounds,
             digest=_digest(data),
             level=level,
+            root=Path(root),
         )
 
     @property
@@ -217,7 +238,11 @@ class PrivacyLedger:
         return compute_epsilon(self.history, delta=delta, accountant=accountant)
 
     def check_budget(self, plan: DPPlan) -> float:
-        """Refuse the next round unless it fits in the study's target epsilon.
+        """Refuse the next round unless it fits the study's target and the site's total.
+
+        The site's total is the sum of every study's epsilon at this site (both levels) with
+        this round's projection for this study, checked against ``plan.max_total_epsilon``
+        (the site's ``max-total-epsilon``); see :meth:`check_site_budget`.
 
         Returns
         -------
@@ -230,7 +255,10 @@ class PrivacyLedger:
             If the plan is for another study, delta or accountant than this ledger's.
         BudgetExhausted
             If the next round (its planned steps at its noise and sample rate) would bring
-            the cumulative epsilon above ``plan.target_epsilon``.
+            the cumulative epsilon above ``plan.target_epsilon``, or the site's total above
+            its ``max-total-epsilon``.
+        LedgerError
+            If a ledger the site index records is missing, rolled back or rewritten.
         """
         spent = self.spent_epsilon
         projected = self.projected_epsilon(
@@ -249,7 +277,54 @@ class PrivacyLedger:
                 target=plan.target_epsilon,
                 projected=projected,
             )
+        self._check_site_total(projected, max_total_epsilon=plan.max_total_epsilon)
         return projected
+
+    def check_site_budget(self, *, projected: float, limits: SiteLimits) -> float:
+        """Refuse a round of this study that the site's own limits over all studies forbid.
+
+        Checks, in this order, that the study is in the site's ``allowed-studies`` (when it
+        lists any) and that the site's total epsilon over all studies and both DP levels,
+        with this study at ``projected`` (its cumulative epsilon after the round), stays
+        within ``max-total-epsilon``. Totals use basic composition (:func:`site_spend`).
+
+        Returns
+        -------
+        float
+            The site's total epsilon after the round.
+
+        Raises
+        ------
+        StudyNotAllowed
+            If the study is not in a non-empty ``allowed-studies``.
+        BudgetExhausted
+            If the total would exceed ``max-total-epsilon``.
+        LedgerError
+            If a ledger the site index records is missing, rolled back or rewritten.
+        """
+        limits.check_study(self._study_id)
+        return self._check_site_total(projected, max_total_epsilon=limits.max_total_epsilon)
+
+    def _check_site_total(self, projected: float, *, max_total_epsilon: float) -> float:
+        spend = site_spend(self._root, site_id=self._site_id)
+        mine = (self._level, self._study_id)
+        others = [s for s in spend.studies if (s.level, s.study_id) != mine]
+        spent_elsewhere = math.fsum(s.epsilon for s in others)
+        total = spent_elsewhere + projected
+        if total > max_total_epsilon:
+            raise BudgetExhausted(
+                f"Site '{self._site_id}' has spent its privacy budget over all studies: "
+                f"{len(others)} other study ledger(s) hold epsilon {spent_elsewhere:.4f} "
+                f"together, and this round of study '{self._study_id}' ({self._level}-level) "
+                f"would bring the total to {total:.4f}, above this site's max-total-epsilon "
+                f"{max_total_epsilon:g} (basic composition: the sum of every study's epsilon). "
+                "A new study-id does not start a fresh budget; only the site's operator can "
+                "raise max-total-epsilon.",
+                spent=spent_elsewhere + self.spent_epsilon,
+                target=max_total_epsilon,
+                projected=total,
+            )
+        return total
 
     def projected_epsilon(
         self, entry: HistoryEntry, *, study_id: str, delta: float, accountant: str
@@ -286,8 +361,9 @@ class PrivacyLedger:
         Raises
         ------
         LedgerError
-            If the ledger changed on disk since it was opened or cannot be written; the
-            ledger on disk and this object keep the previous state.
+            If the ledger changed on disk since it was opened or cannot be written (the
+            ledger on disk and this object keep the previous state), or the site index
+            cannot be brought up to date (the round is recorded; nothing may leave).
         """
         self._check_compatible(self._study_id, delta, accountant)
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
@@ -328,6 +404,7 @@ class PrivacyLedger:
                 ) from err
         self._rounds, self._delta, self._accountant = rounds, delta, accountant
         self._digest = _digest(data)
+        _update_index(self._root, site_id=self._site_id)
         logger.info(
             "Study %s at site %s (%s-level): round %s spent %d steps, cumulative epsilon %.4f "
             "(delta %g)",
@@ -362,6 +439,124 @@ class PrivacyLedger:
                 f"site '{self._site_id}', not {accountant}; run with dp-accountant "
                 f"{self._accountant}."
             )
+
+
+@dataclass(frozen=True)
+class StudySpend:
+    """One study's cumulative epsilon at a site, at one DP level."""
+
+    level: str
+    study_id: str
+    epsilon: float
+    delta: float | None
+    rounds: int
+
+
+@dataclass(frozen=True)
+class SiteSpend:
+    """What a site has spent over all its studies (every ledger the index or the disk holds)."""
+
+    site_id: str
+    studies: tuple[StudySpend, ...]
+
+    @property
+    def total_epsilon(self) -> float:
+        """Sum of every study's epsilon (basic composition)."""
+        return math.fsum(s.epsilon for s in self.studies)
+
+    @property
+    def total_delta(self) -> float:
+        """Sum of every study's delta (basic composition)."""
+        return math.fsum(s.delta or 0.0 for s in self.studies)
+
+
+def site_spend(root: Path, *, site_id: str) -> SiteSpend:
+    """Add up what ``site_id`` has spent over all studies and both DP levels under ``root``.
+
+    Studies may be accounted at different deltas and by different accountants, and each
+    ledger's epsilon is already a bound for its own study; across studies the site uses
+    basic (sequential) composition: the total is (sum of each study's epsilon, sum of each
+    study's delta). Loose, but valid whatever the studies' deltas.
+
+    Every ledger on disk counts, indexed or not (a crash between a ledger's write and the
+    index's, or ledgers older than the index). Every ledger the index records must still be
+    on disk with at least its recorded rounds and epsilon, and unchanged if it has no more
+    rounds: deleting or rolling back a ledger does not free budget.
+
+    Raises
+    ------
+    LedgerError
+        If the index or a ledger cannot be trusted, or a ledger the index records is gone,
+        rolled back or rewritten.
+    """
+    check_identifier("site-id", site_id)
+    return SiteSpend(site_id, tuple(s for s, _ in _scan(Path(root), site_id).values()))
+
+
+def _scan(root: Path, site_id: str) -> dict[tuple[str, str], tuple[StudySpend, str]]:
+    indexed = read_index(root, site_id=site_id)
+    on_disk = ledger_files(root, site_id=site_id)
+    where = index_path(root, site_id=site_id)
+    advice = (
+        "Training stops at this site until the ledger is restored from a backup: deleting or "
+        "rolling back a ledger does not free its budget."
+    )
+    found: dict[tuple[str, str], tuple[StudySpend, str]] = {}
+    for key in sorted(set(indexed) | set(on_disk)):
+        level, study = key
+        entry = indexed.get(key)
+        if key not in on_disk and entry is not None:
+            raise LedgerError(
+                f"The site index {where} records study '{study}' ({level}-level) at epsilon "
+                f"{entry.epsilon:.4f} over {entry.rounds} round(s), but its ledger "
+                f"{ledger_path(root, level=level, study_id=study, site_id=site_id)} is missing. "
+                + advice
+            )
+        ledger = PrivacyLedger.open(root, study_id=study, site_id=site_id, level=level)
+        digest = ledger._digest or ""
+        if entry is not None:
+            _check_against_index(ledger, entry, digest, where, advice)
+        spend = StudySpend(level, study, ledger.spent_epsilon, ledger.delta, len(ledger.rounds))
+        found[key] = (spend, digest)
+    return found
+
+
+def _check_against_index(
+    ledger: PrivacyLedger, entry: IndexEntry, digest: str, where: Path, advice: str
+) -> None:
+    rounds = len(ledger.rounds)
+    if rounds < entry.rounds or ledger.spent_epsilon < entry.epsilon:
+        raise LedgerError(
+            f"Ledger {ledger.path} holds {rounds} round(s) at epsilon "
+            f"{ledger.spent_epsilon:.4f}, but the site index {where} recorded {entry.rounds} "
+            f"round(s) at epsilon {entry.epsilon:.4f}: it was rolled back. " + advice
+        )
+    if rounds == entry.rounds and digest != entry.sha256:
+        raise LedgerError(
+            f"Ledger {ledger.path} differs from the copy the site index {where} recorded "
+            "(same rounds, other contents): it was rewritten. " + advice
+        )
+
+
+def _update_index(root: Path, *, site_id: str) -> None:
+    """Rewrite the site index from every ledger on disk (after checking them against it)."""
+    path = index_path(root, site_id=site_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.parent / f".{path.name}.lock"):
+        scanned = _scan(root, site_id)
+        write_index(
+            root,
+            site_id=site_id,
+            entries={
+                key: IndexEntry(s.level, s.study_id, s.rounds, s.epsilon, s.delta, digest)
+                for key, (s, digest) in scanned.items()
+            },
+        )
+
+
+def _root_of(path: Path, level: str) -> Path:
+    """The ledger root of a ledger file (``<root>[/<level dir>]/<study>/<site>.json``)."""
+    return path.parent.parent.parent if LEVEL_DIRS[level] else path.parent.parent
 
 
 def _digest(data: bytes) -> str:

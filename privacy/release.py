@@ -92,7 +92,8 @@ def release_eval_sums(
         If the run asks for more than the site's ceilings, or the study's ledger is at another
         delta or accountant.
     BudgetExhausted
-        If the release would bring the study above ``min(target-epsilon, max-epsilon)``.
+        If the release would bring the study above ``min(target-epsilon, max-epsilon)``, or
+        the site's total over all studies above ``max-total-epsilon``.
     """
     chosen = ledger.delta or delta or min(default_delta(num_train_samples), limits.max_delta)
     limits.check(epsilon=target_epsilon, delta=chosen)
@@ -110,6 +111,7 @@ def release_eval_sums(
             target=budget,
             projected=projected,
         )
+    ledger.check_site_budget(projected=projected, limits=limits)  # allow-list, site total
     num_classes = int(confusion.shape[0])
     l2, _ = eval_sensitivity(num_classes)
     std = noise_multiplier * l2

@@ -21,6 +21,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedrad.core import keys
+from fedrad.core.errors import error_text
 
 __all__ = [
     "FIRST_POLL_S",
@@ -98,7 +99,9 @@ def collect_replies(
         node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         answered.add(node)
         if msg.has_error():
-            out.failures[node_label(node, names)] = str(msg.error.reason)
+            out.failures[node_label(node, names)] = error_text(
+                int(msg.error.code), str(msg.error.reason)
+            )
             continue
         site = str(msg.content[keys.SITE][keys.SITE_ID])
         names[node] = site

@@ -533,15 +533,30 @@ def test_site_limits_from_node_config_check_both_ceilings(values: dict, message:
 def test_site_limits_come_from_the_node_config_or_its_defaults() -> None:
     # Execute
     given_limits = SiteLimits.from_node_config(
-        NodeConfig.from_user_config({"max-epsilon": 4, "max-delta": 1e-5})
+        NodeConfig.from_user_config(
+            {
+                "max-epsilon": 4,
+                "max-delta": 1e-5,
+                "max-total-epsilon": 12,
+                "allowed-studies": "study-a, study-b",
+            }
+        )
     )
     default_limits = SiteLimits.from_node_config(NodeConfig())
 
     # Assert
-    assert given_limits == SiteLimits(max_epsilon=4.0, max_delta=1e-5)
-    assert default_limits == SiteLimits(
-        max_epsilon=NodeConfig().max_epsilon, max_delta=NodeConfig().max_delta
+    assert given_limits == SiteLimits(
+        max_epsilon=4.0,
+        max_delta=1e-5,
+        max_total_epsilon=12.0,
+        allowed_studies=("study-a", "study-b"),
     )
+    assert default_limits == SiteLimits(
+        max_epsilon=NodeConfig().max_epsilon,
+        max_delta=NodeConfig().max_delta,
+        max_total_epsilon=NodeConfig().max_total_epsilon,
+    )
+    assert math.isfinite(default_limits.max_total_epsilon)  # a deployed site is always bounded
 
 
 def test_request_from_run_config_maps_unset_to_none() -> None:
