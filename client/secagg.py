@@ -36,7 +36,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.reply import check_reply
+from client.site_identity import load_site_identity
 from fedrad.core import keys
+from fedrad.core.config import NodeConfig
 from fedrad.core.errors import FedradError
 from privacy.secagg import (
     ClientSession,
@@ -176,7 +178,11 @@ def _advertise_keys(
 ) -> RecordDict:
     """Stage 1: check the setup, evaluate and train, keep the input and session, send keys."""
     setup, participant = invitation_from_fields(_fields(msg))
-    session = ClientSession(participant)
+    identity, roster = load_site_identity(
+        NodeConfig.from_user_config(context.node_config),
+        sites_dir=str(context.run_config.get("sites-dir", "")),
+    )
+    session = ClientSession(participant, identity=identity, roster=roster)
     advert = session.advertise_keys(setup)
     global_arrays = _arrays(msg.content, "the global model")
     counts = evaluate_fn(msg, context) if setup.count_names else {}

@@ -33,6 +33,7 @@ from fedrad.synth import (
 )
 from fedrad.synth import dicom as synth_dicom
 from fedrad.synth.config import MAX_HOLDOUT
+from fedrad.synth.identity import IDENTITY_FOLDER
 from fedrad.synth.shapes import blur
 from fedrad.synth.sites import draw_site_profiles
 
@@ -97,10 +98,11 @@ def read_labels(folder: Path) -> list[dict[str, str]]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
+    """Every written file but the identity keys, which are fresh randomness by design."""
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and IDENTITY_FOLDER not in p.relative_to(root).parts
     }
 
 
