@@ -202,7 +202,7 @@ def test_folders_and_labels_exist(written: tuple[SynthSummary, SynthConfig]) -> 
     names = sorted(p.name for p in summary.out_dir.iterdir())
 
     # Assert
-    assert names == ["holdout", "site-1", "site-2"]
+    assert names == [IDENTITY_FOLDER, "holdout", "site-1", "site-2"]
     for folder in [s.folder for s in summary.sites] + [summary.holdout_folder]:
         assert folder is not None
         header = (folder / "labels.csv").read_text(encoding="utf-8").splitlines()[0]
@@ -652,4 +652,4 @@ def test_writes_into_an_empty_existing_directory(tmp_path: Path) -> None:
     # Assert
     assert summary.holdout_folder is None
     assert summary.holdout_samples == 0
-    assert sorted(p.name for p in out.iterdir()) == ["site-1", "site-2"]
+    assert sorted(p.name for p in out.iterdir()) == [IDENTITY_FOLDER, "site-1", "site-2"]
