@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedrad.core.durable import write_atomic
 
-__all__ = ["IDENTITY_FOLDER", "ROSTER_FILE", "has_identities", "write_identities"]
+__all__ = ["IDENTITY_FOLDER", "ROSTER_FILE", "ROSTER_FORMAT", "has_identities", "write_identities"]
 
 IDENTITY_FOLDER = ".fedrad-identity"
 ROSTER_FILE = "roster.json"
-_ROSTER_FORMAT = "fedrad-roster/1"  # privacy.secagg.identity.ROSTER_FORMAT; a test keeps them equal
+ROSTER_FORMAT = "fedrad-roster/1"  # privacy.secagg.identity.ROSTER_FORMAT; a test keeps them equal
 
 
 def write_identities(sites_dir: Path, names: Sequence[str]) -> Path:
@@ -56,7 +56,7 @@ def write_identities(sites_dir: Path, names: Sequence[str]) -> Path:
         write_atomic(folder / f"{name}.key", private, mode=0o600)
         write_atomic(folder / f"{name}.pub", public + f" {name}\n".encode(), mode=0o644)
         sites.append({"name": name, "public-key": public.decode("ascii")})
-    roster = {"format": _ROSTER_FORMAT, "sites": sorted(sites, key=lambda s: s["name"])}
+    roster = {"format": ROSTER_FORMAT, "sites": sorted(sites, key=lambda s: s["name"])}
     write_atomic(folder / ROSTER_FILE, (json.dumps(roster, indent=1) + "\n").encode(), mode=0o644)
     return folder
 
