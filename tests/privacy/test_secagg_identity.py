@@ -129,3 +129,15 @@ def test_a_restored_session_still_checks_its_peers():
     with pytest.raises(PeerAuthenticationError, match="bad signature from peer 2"):
         restored.share_keys(forged)
     assert b"PRIVATE" not in round_.clients[1].snapshot()  # no long-term key in the state
+
+
+def test_create_roster_signs_the_provisioned_node_keys(tmp_path):
+    from privacy.certs import create_roster
+
+    ca = create_ca(tmp_path / "ca")
+    pairs = {name: create_node_key_pair(tmp_path, name) for name in ("a", "b", "c")}
+
+    path = create_roster(ca, tmp_path / "roster.json", pairs)
+
+    roster = load_roster(path, ca_cert=ca.cert)
+    assert SiteIdentity.from_key(load_identity_key(pairs["b"].private), roster).name == "b"
