@@ -21,6 +21,7 @@ from fedrad.core.errors import (
     ERROR_INPUT_RANGE,
     ERROR_INTERNAL,
     ERROR_LEDGER,
+    ERROR_PEER_AUTH,
     ERROR_PRIVACY_LIMIT,
     ERROR_REQUEST,
     ERROR_REVEALING,
@@ -32,7 +33,7 @@ from fedrad.core.errors import (
     FedradError,
 )
 from privacy import BudgetExhausted, LedgerError, PrivacyRefused, StudyNotAllowed
-from privacy.secagg import InputError, RequestRefused, SecAggError
+from privacy.secagg import InputError, PeerAuthenticationError, RequestRefused, SecAggError
 
 __all__ = ["SITE_LOGGER", "error_code", "log_refusal", "refusal"]
 
@@ -45,6 +46,7 @@ _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (BudgetExhausted, ERROR_BUDGET),
     (PrivacyRefused, ERROR_PRIVACY_LIMIT),
     (LedgerError, ERROR_LEDGER),
+    (PeerAuthenticationError, ERROR_PEER_AUTH),
     (RequestRefused, ERROR_REVEALING),
     (InputError, ERROR_INPUT_RANGE),
     (SecAggError, ERROR_SECAGG),

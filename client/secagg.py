@@ -43,7 +43,9 @@ from flwr.clientapp import ClientApp
 
 from client.errors import log_refusal
 from client.reply import check_reply
+from client.site_identity import load_site_identity
 from fedrad.core import keys
+from fedrad.core.config import NodeConfig
 from fedrad.core.errors import ERROR_REVEALING, ERROR_SECAGG
 from privacy.secagg import (
     ClientSession,
@@ -177,7 +179,13 @@ def _advertise_keys(
 ) -> RecordDict:
     """Stage 1: check the setup, evaluate and train, keep the input and session, send keys."""
     setup, participant = invitation_from_fields(_fields(msg))
-    session = ClientSession(participant, min_threshold=site_fn(context))
+    identity, roster = load_site_identity(
+        NodeConfig.from_user_config(context.node_config),
+        sites_dir=str(context.run_config.get("sites-dir", "")),
+    )
+    session = ClientSession(
+        participant, identity=identity, roster=roster, min_threshold=site_fn(context)
+    )
     advert = session.advertise_keys(setup)  # verifies the threshold against the site's minimum
     global_arrays = _arrays(msg.content, "the global model")
     counts = evaluate_fn(msg, context) if setup.count_names else {}

@@ -11,7 +11,11 @@ A consortium needs three kinds of credential, all made here with ``cryptography`
 - one ECDSA P-384 key pair per site in OpenSSH format: the operator registers the public half
   (``flwr supernode register site.pub CONNECTION``), the site keeps the private half
   (``flower-supernode --auth-supernode-private-key site.key``). A node whose key is not
-  registered is refused.
+  registered is refused. The same private key is the site's identity key for secure
+  aggregation (node config ``identity-key``);
+- the consortium's roster of those public keys, signed by the CA (:func:`create_roster`):
+  every site holds it (node config ``roster``, with ``ca-cert`` naming ``ca.pem``) and checks
+  its peers' signed round keys against it.
 
 Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``);
 private keys are created with mode 0600 and never exist on disk with wider permissions.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrad.core.durable import write_atomic
+from privacy.secagg.identity import Roster, roster_signature_path, sign_roster
 
 __all__ = [
     "CertificateAuthority",
@@ -40,6 +45,7 @@ __all__ = [
     "ServerCertificate",
     "create_ca",
     "create_node_key_pair",
+    "create_roster",
     "create_server_certificate",
     "load_ca",
 ]
@@ -265,3 +271,25 @@ def create_node_key_pair(out_dir: Path, name: str) -> NodeKeyPair:
     _write_atomic(pair.private, private, mode=PRIVATE_MODE)
     _write_atomic(pair.public, public + b" " + name.encode() + b"\n", mode=PUBLIC_MODE)
     return pair
+
+
+def create_roster(
+    ca: CertificateAuthority, out_path: Path, node_keys: Mapping[str, NodeKeyPair]
+) -> Path:
+    """Write the roster of ``node_keys`` (site name to key pair) to ``out_path``, CA-signed.
+
+    The detached signature goes to ``<out_path>.sig``. Hand both files, with ``ca.pem``, to
+    every site. Returns ``out_path``.
+    """
+    sites = {}
+    for name, pair in node_keys.items():
+        key_type_and_key = b" ".join(pair.public.read_bytes().split()[:2])  # without comment
+        key = serialization.load_ssh_public_key(key_type_and_key)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError(f"{pair.public} is not an EC public key.")
+        sites[name] = key
+    data = Roster(sites).to_bytes()
+    _, ca_key = load_ca(ca)
+    _write_atomic(out_path, data, mode=PUBLIC_MODE)
+    _write_atomic(roster_signature_path(out_path), sign_roster(data, ca_key), mode=PUBLIC_MODE)
+    return out_path

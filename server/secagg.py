@@ -11,7 +11,9 @@ node whose reply is missing, an error or malformed at any exchange is dropped, a
 few remain the round is reported ``"aborted"`` with no model, never as a success.
 
 Flower node ids (uint64) become participant ids ``1..n`` in the order given; the node ids
-stay on the coordinator.
+stay on the coordinator. Each site's key advertisement is signed with its identity key; the
+coordinator relays it, signature and roster name included, unchanged to the site's
+neighbours, which check it against their own rosters (:mod:`privacy.secagg.identity`).
 """
 
 from __future__ import annotations

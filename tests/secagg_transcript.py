@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from privacy.secagg import ClientSession, RoundSetup, ServerSession
+from privacy.secagg import ClientSession, RoundSetup, ServerSession, simulated_consortium
 
 SHAPES = {"conv": (4, 3), "bias": (5,)}
 SITES = (1, 2, 3, 4, 5)
@@ -53,7 +53,9 @@ def run_round(restore_after: str | None = None, compare: list | None = None) -> 
     ``compare`` collects (original, restored) outputs of the deterministic next step.
     """
     setup, inputs = make_setup(), make_inputs()
-    server, sessions = ServerSession(setup), {s: ClientSession(s) for s in SITES}
+    identities, roster = simulated_consortium(SITES)
+    server = ServerSession(setup)
+    sessions = {s: ClientSession(s, identity=identities[s], roster=roster) for s in SITES}
     seen: dict[type, list] = {}
 
     def keep(messages):

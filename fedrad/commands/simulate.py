@@ -56,7 +56,12 @@ def _write_app_config(folder: Path, config: RunConfig) -> None:
 
 
 def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float = 1.0) -> None:
-    """Run the federation with ``num_sites`` simulated sites (one per site folder)."""
+    """Run the federation with ``num_sites`` simulated sites (one per site folder).
+
+    Sites folders that lack identity keys (not written by a recent ``fedrad synth``, or
+    imported) get them first: a simulated site signs its secure-aggregation keys with them.
+    """
+    _ensure_identities(Path(config.sites_dir))
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -91,4 +96,21 @@ def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float = 1.
             server_app_context=context,
             app_dir=app_dir,
             is_app=True,
+        )
+
+
+def _ensure_identities(sites_dir: Path) -> None:
+    """Write the simulated sites' identity keys and roster unless every site has them."""
+    from fedrad.core.sites import list_site_dirs
+    from fedrad.synth.identity import IDENTITY_FOLDER, has_identities, write_identities
+
+    if not sites_dir.is_dir():
+        return
+    names = [site.name for site in list_site_dirs(sites_dir)]
+    if names and not has_identities(sites_dir, names):
+        write_identities(sites_dir, names)
+        log.info(
+            "wrote identity keys and the roster of %d site(s) to %s",
+            len(names),
+            sites_dir / IDENTITY_FOLDER,
         )

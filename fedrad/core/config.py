@@ -286,8 +286,10 @@ class NodeConfig:
     (the smallest secure-aggregation threshold it accepts and sizes its noise share by),
     ``eval-noise-multiplier`` (noise of the evaluation counts it releases under DP, over their
     sensitivity), ``identity-key`` and ``roster`` (the site's signing key and the consortium's
-    roster of sites, for authenticated secure aggregation) and ``log-file`` (the site's local
-    log of refused requests, with the details that never leave the site).
+    roster of sites, for authenticated secure aggregation), ``ca-cert`` (the consortium CA's
+    certificate, which must have signed the roster; required when ``data-dir`` is set) and
+    ``log-file`` (the site's local log of refused requests, with the details that never leave
+    the site).
     """
 
     data_dir: str = ""
@@ -305,6 +307,7 @@ class NodeConfig:
     eval_noise_multiplier: float = 2.0
     identity_key: str = ""
     roster: str = ""
+    ca_cert: str = ""
     log_file: str = ""
     partition_id: int = -1
     num_partitions: int = 0

@@ -33,6 +33,7 @@ ERROR_PRIVACY_LIMIT = 106
 ERROR_STUDY_NOT_ALLOWED = 107
 ERROR_LEDGER = 108
 ERROR_INPUT_RANGE = 109
+ERROR_PEER_AUTH = 110
 
 ERROR_SENTENCES: dict[int, str] = {
     ERROR_DATA: (
@@ -73,6 +74,10 @@ ERROR_SENTENCES: dict[int, str] = {
     ERROR_INPUT_RANGE: (
         "the site's update does not fit the round's ranges (clipping range or weight); see "
         "the site's log"
+    ),
+    ERROR_PEER_AUTH: (
+        "the site aborted the secure round: a peer's round keys failed authentication against "
+        "its roster (bad signature, unknown peer or roster mismatch); see the site's log"
     ),
 }
 """The stable error codes a site replies with, each with the only sentence that travels.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedrad.synth.config import HARD_SUBGROUP, HARD_SUBGROUP_DESCRIPTION, SynthConfig
 from fedrad.synth.folder import HOLDOUT_KEY, Part, write_folder
+from fedrad.synth.identity import write_identities
 from fedrad.synth.layout import HOLDOUT_FOLDER, prepare_out_dir
 from fedrad.synth.sites import SiteProfile, allocate_holdout, draw_site_profiles
 
@@ -62,7 +63,9 @@ def write_consortium(
 ) -> SynthSummary:
     """Write ``OUT_DIR/site-1..N`` (and ``OUT_DIR/holdout``) as DICOM plus ``labels.csv``.
 
-    Output is byte-identical for the same ``config``. The holdout holds
+    It also writes each site's identity key and the roster for secure aggregation
+    (:mod:`fedrad.synth.identity`, in ``OUT_DIR/.fedrad-identity``); these are fresh keys on
+    every run. The site folders are byte-identical for the same ``config``. The holdout holds
     ``holdout`` of the whole consortium, drawn from every site in proportion to
     its size with that site's scanner, prevalence and image statistics, in
     shuffled order. Findings of :data:`HARD_SUBGROUP` (female patients) have
@@ -86,6 +89,7 @@ def write_consortium(
         n_files = write_folder(out_dir / site.name, [part], config, folder_key=site.index)
         next_patient += site.n_samples
         summaries.append(_site_summary(out_dir / site.name, site, n_files))
+    write_identities(out_dir, [site.name for site in profiles])
     holdout_folder, holdout_files = None, 0
     if sum(holdout_counts):
         parts = []

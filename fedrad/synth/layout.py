@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from fedrad.synth.dicom import SYNTH_MARKER
+from fedrad.synth.identity import IDENTITY_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,10 @@ def prepare_out_dir(out_dir: Path, names: Sequence[str], *, overwrite: bool) -> 
         raise ValueError(f"OUT_DIR {out_dir} is a file: choose a directory path")
     entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
     foreign = [
-        e.name for e in entries if not (_FOLDER_NAME.fullmatch(e.name) and is_synth_folder(e))
+        e.name
+        for e in entries
+        if not (_FOLDER_NAME.fullmatch(e.name) and is_synth_folder(e))
+        and not (e.name == IDENTITY_FOLDER and e.is_dir() and not e.is_symlink())
     ]
     if foreign:
         raise ValueError(
@@ -71,7 +75,7 @@ def prepare_out_dir(out_dir: Path, names: Sequence[str], *, overwrite: bool) -> 
     for name in existing:
         logger.info("Removing %s before rewriting it", out_dir / name)
         shutil.rmtree(out_dir / name)
-    stale = [e.name for e in entries if e.name not in names]
+    stale = [e.name for e in entries if e.name not in names and e.name != IDENTITY_FOLDER]
     if stale:
         logger.warning(
             "Leaving %s in %s as they were: this run does not write them", ", ".join(stale), out_dir

@@ -2,10 +2,13 @@
 
 Threat model: the coordinator is honest but curious, and may also send malformed or malicious
 requests; the client then refuses with a specific :class:`~.errors.RequestRefused` rather than
-release anything that could unmask its own or a neighbour's input. Public keys are not
-authenticated: a coordinator that substitutes keys can read shares (a man-in-the-middle), which
-node authentication in a later layer must prevent. A session that raised once is finished and
-answers nothing more.
+release anything that could unmask its own or a neighbour's input. Round keys are
+authenticated (:mod:`.identity`): a site signs its keys with its long-term identity key, bound
+to the round setup it saw, and before sharing anything checks every peer's signature against
+the roster it holds locally, so a coordinator cannot substitute keys of its own (a
+man-in-the-middle that would read the site's shares and unmask its update), pad the round
+with sites outside the roster, count one site twice, or show sites different setups. A
+session that raised once is finished and answers nothing more.
 
 A session can be saved mid-round (:meth:`ClientSession.snapshot`) and rebuilt at the stage it
 had reached (:meth:`ClientSession.restore`): in deployment every message starts a fresh
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -26,12 +30,12 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import keys
-from .errors import (
-    ConfigurationError,
-    ProtocolError,
-)
+from .errors import ConfigurationError, IdentityError, PeerAuthenticationError, ProtocolError
+from .identity import Roster, SiteIdentity, advertisement_bytes, verify
 from .ids import NodeId, validate_ids
 from .masking import apply_masks, pairwise_mask_key, pairwise_sign, self_mask_key, wire_dtype
 from .messages import (
@@ -52,7 +56,7 @@ from .wire import load_json_object, setup_from_bytes, setup_to_bytes
 __all__ = ["ClientSession"]
 
 _SEED_BYTES = 32
-_SNAPSHOT_FORMAT = "fedrad-secagg-session/1"
+_SNAPSHOT_FORMAT = "fedrad-secagg-session/2"
 
 
 class _Stage(enum.Enum):
@@ -71,22 +75,42 @@ class ClientSession:
     ----------
     site_id
         This site's id, as the coordinator lists it.
+    identity
+        This site's long-term identity (its private key signs the round keys), listed in
+        ``roster`` under its name.
+    roster
+        The consortium's sites, as this site holds them locally: every peer must sign its
+        round keys with the key the roster lists for the name it signs as.
     min_threshold
         The smallest threshold this site accepts (a site limit from its node config).
     max_vector_length
         The largest update this site accepts to mask.
+
+    Raises
+    ------
+    IdentityError
+        If ``roster`` does not list ``identity`` under its name.
     """
 
     def __init__(
         self,
         site_id: NodeId,
         *,
+        identity: SiteIdentity,
+        roster: Roster,
         min_threshold: int = 2,
         max_vector_length: int = MAX_VECTOR_LENGTH,
     ) -> None:
         (self.site_id,) = validate_ids([site_id], what="site_id")
         if min_threshold < 2:
             raise ConfigurationError(f"min_threshold must be at least 2, got {min_threshold}.")
+        listed = roster.key_of(identity.name)
+        if listed is None or listed != identity.public_key:
+            raise IdentityError(
+                f"This site's roster does not list its identity key under {identity.name!r}."
+            )
+        self._identity = identity
+        self._roster = roster
         self._min_threshold = min_threshold
         self._max_vector_length = max_vector_length
         self._stage = _Stage.NEW
@@ -111,6 +135,8 @@ class ClientSession:
         state = {
             "format": _SNAPSHOT_FORMAT,
             "site-id": self.site_id,
+            "identity": [self._identity.name, _public_text(self._identity.public_key)],
+            "roster": self._roster.to_bytes().decode("utf-8"),
             "min-threshold": self._min_threshold,
             "max-vector-length": self._max_vector_length,
             "stage": self._stage.name,
@@ -138,8 +164,11 @@ class ClientSession:
         """
         raw = load_json_object(data, _SNAPSHOT_FORMAT, "saved session")
         try:
+            name, public = raw["identity"]
             session = cls(
                 raw["site-id"],
+                identity=SiteIdentity(name=name, public_key=_public_key(public)),
+                roster=Roster.from_bytes(raw["roster"].encode("utf-8")),
                 min_threshold=raw["min-threshold"],
                 max_vector_length=raw["max-vector-length"],
             )
@@ -204,19 +233,38 @@ class ClientSession:
                     f"An update of {setup.vector_length} values exceeds this site's limit of "
                     f"{self._max_vector_length}."
                 )
+            self._check_round_size(setup)
             self._setup = setup
+            encryption_key = keys.public_bytes(self._encryption_key)
+            mask_key = keys.public_bytes(self._mask_key)
+            signed = advertisement_bytes(
+                setup_digest=_digest(setup),
+                round_id=setup.round_id,
+                sender=self.site_id,
+                signer=self._identity.name,
+                encryption_key=encryption_key,
+                mask_key=mask_key,
+            )
             return KeyAdvertisement(
                 round_id=setup.round_id,
                 sender=self.site_id,
-                encryption_key=keys.public_bytes(self._encryption_key),
-                mask_key=keys.public_bytes(self._mask_key),
+                encryption_key=encryption_key,
+                mask_key=mask_key,
+                signer=self._identity.name,
+                signature=self._identity.sign(signed),
             )
 
     def share_keys(self, broadcast: KeyBroadcast) -> ShareKeys:
         """Secret-share this site's self-mask seed and mask key among the live neighbours.
 
+        Every peer is authenticated first (:meth:`_authenticate`); nothing is shared unless
+        all are.
+
         Raises
         ------
+        PeerAuthenticationError
+            If a peer's signature is bad, a peer signs as a name not in this site's roster, or
+            the round does not match the roster (see :meth:`_authenticate`).
         ProtocolError
             If the broadcast is for another round or site, lists a non-neighbour, or carries
             an unusable key.
@@ -226,6 +274,7 @@ class ClientSession:
         with self._step(_Stage.ADVERTISED, _Stage.SHARED):
             setup = self._checked_setup(broadcast.round_id, broadcast.receiver)
             peers = self._checked_peers(broadcast.peers, setup.neighbours[self.site_id])
+            self._authenticate(setup, broadcast)
             for peer, encryption_key, mask_key in zip(
                 peers, broadcast.encryption_keys, broadcast.mask_keys, strict=True
             ):
@@ -367,6 +416,66 @@ class ClientSession:
             raise
         self._stage = after
 
+    def _check_round_size(self, setup: RoundSetup) -> None:
+        if len(setup.participants) > len(self._roster):
+            raise PeerAuthenticationError(
+                f"roster mismatch: the round lists {len(setup.participants)} participants but "
+                f"this site's roster holds only {len(self._roster)} sites, so some participants "
+                "cannot be consortium sites."
+            )
+
+    def _authenticate(self, setup: RoundSetup, broadcast: KeyBroadcast) -> None:
+        """Check every peer of ``broadcast`` against this site's roster, before any sharing.
+
+        Each peer must sign as a roster name, with a valid signature by that name's key over
+        its keys, its node id and the digest of the setup this site saw; no two participants
+        (this site included) may use one roster identity; and the round may not list more
+        participants than the roster has sites (no Sybils).
+
+        Raises
+        ------
+        PeerAuthenticationError
+            With a message naming the peer and the cause.
+        """
+        self._check_round_size(setup)
+        digest = _digest(setup)
+        seen: dict[str, NodeId] = {self._identity.name: self.site_id}
+        for peer, encryption_key, mask_key, signer, signature in zip(
+            broadcast.peers,
+            broadcast.encryption_keys,
+            broadcast.mask_keys,
+            broadcast.signers,
+            broadcast.signatures,
+            strict=True,
+        ):
+            key = self._roster.key_of(signer)
+            if key is None:
+                raise PeerAuthenticationError(
+                    f"peer {peer!r} signs with a key not in this site's roster (it signs as "
+                    f"{signer!r}); refusing the round before sharing anything."
+                )
+            signed = advertisement_bytes(
+                setup_digest=digest,
+                round_id=setup.round_id,
+                sender=peer,
+                signer=signer,
+                encryption_key=encryption_key,
+                mask_key=mask_key,
+            )
+            if not verify(key, signature, signed):
+                raise PeerAuthenticationError(
+                    f"bad signature from peer {peer!r} (signing as {signer!r}): its round keys "
+                    "were altered, are not its own, or it saw another round setup; refusing "
+                    "the round before sharing anything."
+                )
+            if signer in seen:
+                raise PeerAuthenticationError(
+                    f"roster mismatch: peer {peer!r} signs as {signer!r}, the identity of "
+                    f"{'this site' if seen[signer] == self.site_id else f'peer {seen[signer]!r}'}"
+                    "; one site may hold one place in a round."
+                )
+            seen[signer] = peer
+
     def _checked_setup(self, round_id: str, receiver: NodeId) -> RoundSetup:
         setup = self._current_setup()
         if round_id != setup.round_id or receiver != self.site_id:
@@ -421,6 +530,23 @@ class ClientSession:
         if len(plaintext) != 2 * SHARE_BYTES:
             raise ProtocolError(f"A share pair from {sender!r} has the wrong length.")
         return plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:]
+
+
+def _digest(setup: RoundSetup) -> bytes:
+    return hashlib.sha256(setup_to_bytes(setup)).digest()
+
+
+def _public_text(key: ec.EllipticCurvePublicKey) -> str:
+    return key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode("ascii")
+
+
+def _public_key(text: str) -> ec.EllipticCurvePublicKey:
+    key = serialization.load_ssh_public_key(text.encode("ascii"))
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("the saved identity key is not an EC key")
+    return key
 
 
 def _b64(data: bytes) -> str:

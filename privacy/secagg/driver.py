@@ -1,23 +1,26 @@
 """Run a whole round in one process, with simulated dropouts: for tests and benchmarks.
 
-Messages pass as Python objects; a site listed in ``drop_at`` vanishes before sending the
-message of the given stage. Client errors propagate (a deployment would turn them into error
-replies, that is dropouts; simulate those with ``drop_at``).
+Messages pass as Python objects; every site gets a fresh identity key and all hold the
+roster of the participants (see :func:`simulated_consortium`). A site listed in ``drop_at``
+vanishes before sending the message of the given stage. Client errors propagate (a
+deployment would turn them into error replies, that is dropouts; simulate those with
+``drop_at``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from .client import ClientSession
+from .identity import Roster, SiteIdentity
 from .ids import NodeId
 from .messages import KeyBroadcast, ShareDelivery, Stage, UnmaskRequest
 from .round_setup import RoundSetup
 from .server import AggregateResult, ServerSession
 
-__all__ = ["InMemoryRound", "run_round_in_memory"]
+__all__ = ["InMemoryRound", "run_round_in_memory", "simulated_consortium"]
 
 Update = tuple[Mapping[str, np.ndarray], int]
 _ORDER = list(Stage)
@@ -39,6 +42,9 @@ class InMemoryRound:
         Sites that vanish before sending the message of the given stage.
     counts
         Every participant's named counts, when the setup has counts.
+    identities, roster
+        Every participant's identity and the roster all sites hold; by default a fresh
+        identity ``site-<id>`` per participant and the roster of exactly those.
     """
 
     def __init__(
@@ -48,6 +54,8 @@ class InMemoryRound:
         *,
         drop_at: Mapping[NodeId, Stage] | None = None,
         counts: Mapping[NodeId, Mapping[str, np.ndarray]] | None = None,
+        identities: Mapping[NodeId, SiteIdentity] | None = None,
+        roster: Roster | None = None,
     ) -> None:
         drops = dict(drop_at or {})
         if set(inputs) != set(setup.participants) or not set(drops) <= set(inputs):
@@ -57,7 +65,16 @@ class InMemoryRound:
         self.drop_at = drops
         self.counts = dict(counts or {})
         self.server = ServerSession(setup)
-        self.clients = {node: ClientSession(node) for node in setup.participants}
+        if identities is None:
+            identities, roster = simulated_consortium(setup.participants)
+        if roster is None:
+            raise ValueError("Give the roster with the identities.")
+        self.identities = dict(identities)
+        self.roster = roster
+        self.clients = {
+            node: ClientSession(node, identity=self.identities[node], roster=roster)
+            for node in setup.participants
+        }
 
     def advertise_keys(self) -> dict[NodeId, KeyBroadcast]:
         """Send the setup; return the server's key broadcasts."""
@@ -108,6 +125,15 @@ class InMemoryRound:
     def _sends(self, node: NodeId, stage: Stage) -> bool:
         drop = self.drop_at.get(node)
         return drop is None or _ORDER.index(stage) < _ORDER.index(drop)
+
+
+def simulated_consortium(
+    participants: Iterable[NodeId],
+) -> tuple[dict[NodeId, SiteIdentity], Roster]:
+    """Return a fresh identity ``site-<id>`` for each participant and the roster of them all."""
+    identities = {node: SiteIdentity.generate(f"site-{node}") for node in participants}
+    roster = Roster({i.name: i.public_key for i in identities.values()})
+    return identities, roster
 
 
 def run_round_in_memory(

@@ -11,11 +11,13 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "ConflictingUnmaskRequest",
+    "IdentityError",
     "InputError",
     "InputRangeError",
     "ModulusOverflowError",
     "NotSurvivorError",
     "OverlappingSetsError",
+    "PeerAuthenticationError",
     "ProtocolError",
     "RequestRefused",
     "RoundAborted",
@@ -37,6 +39,10 @@ class ConfigurationError(SecAggError, ValueError):
 
 class ModulusOverflowError(ConfigurationError):
     """The modulus leaves no room for the sum of all weighted, quantised inputs."""
+
+
+class IdentityError(ConfigurationError):
+    """The site's identity key, roster or CA certificate is missing, unusable or inconsistent."""
 
 
 class InputError(SecAggError, ValueError):
@@ -61,6 +67,15 @@ class ShareReconstructionError(SecAggError):
 
 class RequestRefused(SecAggError):
     """A client refuses a coordinator request that could reveal an individual input."""
+
+
+class PeerAuthenticationError(RequestRefused):
+    """A peer's round keys are not authenticated by this site's roster; nothing was shared.
+
+    The message names the cause: a bad signature, a signer not in the roster, or a roster
+    mismatch (two participants with one identity, this site's identity claimed by another node,
+    more participants than roster sites).
+    """
 
 
 class OverlappingSetsError(RequestRefused):

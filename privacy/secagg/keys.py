@@ -1,9 +1,9 @@
 """X25519 key agreement, HKDF-SHA256 key derivation and AES-GCM encryption of shares.
 
 Every derived key is bound by HKDF's ``info`` to a purpose, the round and the node ids, so a
-key agreed for one use, round or pair can serve no other. Public keys are not authenticated
-here: a coordinator that swaps them can run a man-in-the-middle attack; node authentication
-belongs to a later layer.
+key agreed for one use, round or pair can serve no other. These public keys are
+authenticated one layer up: each site signs them with its identity key and checks its
+peers' signatures against its roster (:mod:`.identity`), so a coordinator cannot swap them.
 """
 
 from __future__ import annotations

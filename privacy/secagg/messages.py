@@ -69,26 +69,38 @@ def _parallel(message: Any, *names: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class KeyAdvertisement:
-    """Client to server: the site's two X25519 public keys (32 raw bytes each)."""
+    """Client to server: the site's two X25519 public keys (32 raw bytes each), signed.
+
+    ``signer`` is the site's name in the consortium's roster; ``signature`` its identity key's
+    signature of :func:`~.identity.advertisement_bytes` (the round setup's digest, round,
+    sender and both keys), which every peer checks against its own roster.
+    """
 
     round_id: str
     sender: NodeId
     encryption_key: bytes  # c: encrypts the shares sent to this site
     mask_key: bytes  # s: agrees the pairwise masks
+    signer: str
+    signature: bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyBroadcast:
-    """Server to client: the public keys of the receiver's neighbours still in the round."""
+    """Server to client: the signed public keys of the receiver's neighbours still in the round.
+
+    Each peer's advertisement travels unchanged: its keys, roster name and signature.
+    """
 
     round_id: str
     receiver: NodeId
     peers: tuple[NodeId, ...]
     encryption_keys: tuple[bytes, ...]
     mask_keys: tuple[bytes, ...]
+    signers: tuple[str, ...]
+    signatures: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        _parallel(self, "peers", "encryption_keys", "mask_keys")
+        _parallel(self, "peers", "encryption_keys", "mask_keys", "signers", "signatures")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,6 +112,8 @@ class ServerSession:
                 peers=(peers := self._ordered(self._neighbours[node])),
                 encryption_keys=tuple(self._public[p][0] for p in peers),
                 mask_keys=tuple(self._public[p][1] for p in peers),
+                signers=tuple(accepted[p].signer for p in peers),
+                signatures=tuple(accepted[p].signature for p in peers),
             )
             for node in self.live
         }
@@ -298,6 +300,11 @@ class ServerSession:
         for key in (message.encryption_key, message.mask_key):
             if not isinstance(key, bytes) or len(key) != keys.KEY_BYTES:
                 raise ProtocolError("a public key is not 32 bytes")
+        # The sites check the signature against their own rosters; the server relays it as is.
+        if not isinstance(message.signer, str) or not 0 < len(message.signer) <= 256:
+            raise ProtocolError("the signer is not a roster name of 1 to 256 characters")
+        if not isinstance(message.signature, bytes) or not 0 < len(message.signature) <= 256:
+            raise ProtocolError("the signature is not 1 to 256 bytes")
 
     def _check_shares(self, message: ShareKeys) -> None:
         expected = self._neighbours[message.sender]

@@ -87,11 +87,19 @@ _SETUP_FORMAT = "fedrad-secagg-setup/2"
 _MAX_JSON_BYTES = 64 << 20
 
 # Field kinds of the stage messages. Each decoder checks the type of an untrusted value.
-_STR, _ID, _IDS, _BYTES, _BYTES_LIST, _WORDS = "str", "id", "ids", "bytes", "bytes-list", "words"
+_STR, _STRS, _ID, _IDS = "str", "strs", "id", "ids"
+_BYTES, _BYTES_LIST, _WORDS = "bytes", "bytes-list", "words"
 _SPECS: dict[type, tuple[str, dict[str, str]]] = {
     KeyAdvertisement: (
         "key-advertisement",
-        {"round_id": _STR, "sender": _ID, "encryption_key": _BYTES, "mask_key": _BYTES},
+        {
+            "round_id": _STR,
+            "sender": _ID,
+            "encryption_key": _BYTES,
+            "mask_key": _BYTES,
+            "signer": _STR,
+            "signature": _BYTES,
+        },
     ),
     KeyBroadcast: (
         "key-broadcast",
@@ -101,6 +109,8 @@ _SPECS: dict[type, tuple[str, dict[str, str]]] = {
             "peers": _IDS,
             "encryption_keys": _BYTES_LIST,
             "mask_keys": _BYTES_LIST,
+            "signers": _STRS,
+            "signatures": _BYTES_LIST,
         },
     ),
     ShareKeys: (
@@ -290,6 +300,12 @@ def _decode_str(where: str, value: object, _dtype: object) -> str:
     return value
 
 
+def _decode_strs(where: str, value: object, _dtype: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or any(not isinstance(item, str) for item in value):
+        raise ProtocolError(f"{where} must be a list of strings.")
+    return tuple(value)
+
+
 def _decode_id(where: str, value: object, _dtype: object) -> NodeId:
     try:
         return _id(value)
@@ -330,6 +346,7 @@ def _decode_words(where: str, value: object, dtype_name: object) -> np.ndarray:
 
 _DECODERS: dict[str, Callable[[str, object, object], object]] = {
     _STR: _decode_str,
+    _STRS: _decode_strs,
     _ID: _decode_id,
     _IDS: _decode_ids,
     _BYTES: _decode_bytes,

@@ -253,7 +253,9 @@ def secagg_app(monkeypatch, handler=None) -> ClientApp:
     if handler is not None:
         monkeypatch.setattr(client_secagg, "_handler", handler)
     app = ClientApp()
-    client_secagg.register(app, client_app._train, client_app._evaluation_counts)
+    client_secagg.register(
+        app, client_app._secure_input, client_app._evaluation_counts, client_app._min_threshold
+    )
     return app
 
 

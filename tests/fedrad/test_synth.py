@@ -33,6 +33,7 @@ from fedrad.synth import (
 )
 from fedrad.synth import dicom as synth_dicom
 from fedrad.synth.config import MAX_HOLDOUT
+from fedrad.synth.identity import IDENTITY_FOLDER
 from fedrad.synth.shapes import blur
 from fedrad.synth.sites import draw_site_profiles
 
@@ -97,10 +98,11 @@ def read_labels(folder: Path) -> list[dict[str, str]]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
+    """Every written file but the identity keys, which are fresh randomness by design."""
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and IDENTITY_FOLDER not in p.relative_to(root).parts
     }
 
 
@@ -200,7 +202,7 @@ def test_folders_and_labels_exist(written: tuple[SynthSummary, SynthConfig]) -> 
     names = sorted(p.name for p in summary.out_dir.iterdir())
 
     # Assert
-    assert names == ["holdout", "site-1", "site-2"]
+    assert names == [IDENTITY_FOLDER, "holdout", "site-1", "site-2"]
     for folder in [s.folder for s in summary.sites] + [summary.holdout_folder]:
         assert folder is not None
         header = (folder / "labels.csv").read_text(encoding="utf-8").splitlines()[0]
@@ -650,4 +652,4 @@ def test_writes_into_an_empty_existing_directory(tmp_path: Path) -> None:
     # Assert
     assert summary.holdout_folder is None
     assert summary.holdout_samples == 0
-    assert sorted(p.name for p in out.iterdir()) == ["site-1", "site-2"]
+    assert sorted(p.name for p in out.iterdir()) == [IDENTITY_FOLDER, "site-1", "site-2"]

@@ -184,6 +184,8 @@ def test_a_broadcast_listing_a_non_neighbour_is_refused():
         peers=(*broadcasts[0].peers, stranger),
         encryption_keys=(*broadcasts[0].encryption_keys, broadcasts[0].encryption_keys[0]),
         mask_keys=(*broadcasts[0].mask_keys, broadcasts[0].mask_keys[0]),
+        signers=(*broadcasts[0].signers, broadcasts[0].signers[0]),
+        signatures=(*broadcasts[0].signatures, broadcasts[0].signatures[0]),
     )
 
     with pytest.raises(ProtocolError, match="not live neighbours"):

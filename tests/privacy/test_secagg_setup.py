@@ -11,6 +11,7 @@ from privacy.secagg import (
     RoundSetup,
     default_degree,
     neighbour_graph,
+    simulated_consortium,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,7 +76,8 @@ def test_unusable_setups_are_refused_with_a_reason(change, match):
     ],
 )
 def test_a_client_refuses_a_setup_against_its_own_limits(site, kwargs, match):
-    client = ClientSession(site, **kwargs)
+    identities, roster = simulated_consortium({*VALID["participants"], site})
+    client = ClientSession(site, identity=identities[site], roster=roster, **kwargs)
 
     with pytest.raises(ConfigurationError, match=match):
         client.advertise_keys(RoundSetup(**VALID))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ from client.secagg import (
     register,
 )
 from fedrad.core import evalsums, keys
-from fedrad.core.errors import ERROR_DATA, ERROR_SENTENCES
+from fedrad.core.errors import ERROR_DATA, ERROR_PEER_AUTH, ERROR_SENTENCES
+from fedrad.synth.identity import ROSTER_FILE, write_identities
 from privacy.secagg import (
     ConfigurationError,
     RoundSetup,
@@ -60,6 +62,36 @@ from server.secagg import default_threshold, secure_round
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT = 0.2  # ProcessGrid answers at once; a vanished site's reply is waited for this long
+STEPS: dict[int, float] = {}  # partition -> size of its fake training step (default 0.05)
+IDENTITIES: dict[str, Path] = {}  # where the sites' identity keys and roster lie
+
+
+@pytest.fixture(autouse=True, scope="module")
+def identities(tmp_path_factory):
+    """Identity keys and the roster of 12 sites, as fedrad synth writes them."""
+    folder = write_identities(tmp_path_factory.mktemp("identities"), SITE_NAMES)
+    IDENTITIES["folder"] = folder
+    yield folder
+    IDENTITIES.clear()
+
+
+@pytest.fixture(autouse=True)
+def default_steps():
+    yield
+    STEPS.clear()
+
+
+SITE_NAMES = [f"site-{i}" for i in range(12)]
+
+
+def node_config(partition: int) -> dict[str, object]:
+    """A simulated site's node config naming its identity key and the roster."""
+    folder = IDENTITIES["folder"]
+    return {
+        "partition-id": partition,
+        "identity-key": str(folder / f"site-{partition}.key"),
+        "roster": str(folder / ROSTER_FILE),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +121,7 @@ class ProcessGrid(Grid):
             1000 + i: Context(
                 run_id=1,
                 node_id=1000 + i,
-                node_config={"partition-id": i},
+                node_config=node_config(i),
                 state=RecordDict(),
                 run_config={},
             )
@@ -162,7 +194,7 @@ GLOBAL = {
 def fake_train(msg: Message, context: Context) -> RecordDict:
     """A deterministic local 'training': a site-specific step from the global model."""
     partition = int(context.node_config["partition-id"])
-    scale = float(context.node_config.get("step", 0.05))
+    scale = STEPS.get(partition, 0.05)
     rng = np.random.default_rng(partition)
     arrays = {k: a.numpy() for k, a in msg.content[keys.ARRAYS].items()}
     trained = {
@@ -478,3 +510,64 @@ def test_default_threshold_is_the_smallest_a_round_accepts(num_sites):
     setup(default_threshold(num_sites))
     with pytest.raises(ConfigurationError):
         setup(default_threshold(num_sites) - 1)
+
+
+# ------------------------------------------------------------ authenticated round keys
+
+
+def _substitute_keys(action, partition, message):
+    """A coordinator that swaps in keys of its own for every peer in site 0's broadcast."""
+    if action != SHARES_ACTION or partition != 0:
+        return message
+    from privacy.secagg import KeyBroadcast
+    from privacy.secagg.keys import generate_private_key, public_bytes
+
+    broadcast = message_from_fields(KeyBroadcast, dict(message.content[keys.SECAGG]))
+    fake = tuple(public_bytes(generate_private_key()) for _ in broadcast.peers)
+    forged = dataclasses.replace(broadcast, encryption_keys=fake, mask_keys=fake)
+    return Message(
+        RecordDict({keys.SECAGG: ConfigRecord(message_to_fields(forged))}),
+        dst_node_id=message.metadata.dst_node_id,
+        message_type=message.metadata.message_type,
+        group_id=message.metadata.group_id,
+    )
+
+
+def test_a_site_refuses_substituted_keys_and_the_others_finish(caplog):
+    grid = ProcessGrid(_app(), 5, tamper=_substitute_keys)
+
+    result = _round(grid)
+
+    refusal = next(r for r in grid.replies if r.has_error())
+    assert refusal.error.code == ERROR_PEER_AUTH
+    assert refusal.error.reason == ERROR_SENTENCES[ERROR_PEER_AUTH]  # the cause's kind only
+    assert "bad signature from peer" in caplog.text  # the cause itself, in the site's log
+    assert result.status == "completed" and result.dropped == ["node-1000"]
+    _assert_fedavg(result, _plain(grid, [1, 2, 3, 4]))
+
+
+def test_every_advertisement_is_relayed_with_its_signature():
+    grid = ProcessGrid(_app(), 3)
+
+    _round(grid, threshold=2)
+
+    adverts = [
+        dict(r.content[keys.SECAGG])
+        for r in grid.replies
+        if not r.has_error() and r.content[keys.SECAGG]["message"] == "key-advertisement"
+    ]
+    assert sorted(a["signer"] for a in adverts) == ["site-0", "site-1", "site-2"]
+    assert all(len(a["signature"]) > 64 for a in adverts)  # DER ECDSA P-384
+
+
+def test_a_site_without_an_identity_refuses_and_says_how_to_get_one(caplog):
+    grid = ProcessGrid(_app(), 3)
+    grid.contexts[1000].node_config = {"partition-id": 0}  # no identity-key, no sites-dir
+
+    result = _round(grid, threshold=2)
+
+    error = next(r.error for r in grid.replies if r.has_error())
+    assert error.code == ERROR_CODE_SECAGG
+    assert error.reason == ERROR_SENTENCES[ERROR_CODE_SECAGG]
+    assert "no identity for secure aggregation" in caplog.text and "identity-key" in caplog.text
+    assert result.status == "completed" and result.dropped == ["node-1000"]
