@@ -34,9 +34,11 @@ from fedrad.commands.processes import Launched, free_port, listening, start  # n
 from fedrad.core.sites import list_site_dirs  # noqa: E402
 from privacy.certs import (  # noqa: E402
     CertificateAuthority,
+    NodeKeyPair,
     ServerCertificate,
     create_ca,
     create_node_key_pair,
+    create_roster,
     create_server_certificate,
 )
 
@@ -103,6 +105,12 @@ def make_credentials(
     for site in sites:
         if not (certs / f"{site}.key").is_file():
             create_node_key_pair(certs, site)
+    # the CA-signed roster every site checks its peers' secure-aggregation keys against
+    create_roster(
+        ca,
+        certs / "roster.json",
+        {site: NodeKeyPair(certs / f"{site}.key", certs / f"{site}.pub") for site in sites},
+    )
     return ca, server
 
 
@@ -180,7 +188,9 @@ def launch(
         disk = workdir / "nodes" / site
         node_config = (
             f"data-dir='{data_dir}' site-id='{site}' ledger-dir='{disk / 'ledger'}' "
-            f"cache-dir='{disk / 'cache'}' min-cell-count={min_cell_count}"
+            f"cache-dir='{disk / 'cache'}' min-cell-count={min_cell_count} "
+            f"identity-key='{workdir / 'certs' / f'{site}.key'}' "
+            f"roster='{workdir / 'certs' / 'roster.json'}' ca-cert='{ca.cert}'"
         )
         children.append(
             start(
