@@ -83,10 +83,16 @@ def discrete_gaussian(sigma: float, size: int) -> np.ndarray:
     return out
 
 
+_TAU_TERMS = 10_000  # exact terms of tau; the rest is bounded above (the terms decrease)
+
+
 def _tau(sigma: float, num_shares: int) -> float:
-    return 10.0 * sum(
-        math.exp(-2.0 * math.pi**2 * sigma**2 * k / (k + 1)) for k in range(1, num_shares)
-    )
+    c = 2.0 * math.pi**2 * sigma**2
+    exact = min(num_shares - 1, _TAU_TERMS)
+    head = math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, exact + 1))
+    rest = num_shares - 1 - exact  # each later term is at most the last exact one
+    tail = rest * math.exp(-c * exact / (exact + 1)) if rest > 0 else 0.0
+    return 10.0 * (head + tail)
 
 
 def effective_noise_multiplier(

@@ -67,7 +67,7 @@ def _client_app():
 
     app = ClientApp(mods=[test_wiring])
     app.train()(product.train)
-    register(app, product._train, product._evaluation_counts)
+    register(app, product._secure_input, product._evaluation_counts, product._min_threshold)
     return app
 
 
