@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedrad.core import keys
+from fedrad.core.errors import error_text
 from privacy.secagg import (
     KeyAdvertisement,
     MaskedInput,
@@ -333,7 +334,9 @@ class _Exchange:
     ) -> _Reply | None:
         name = f"node-{reply.metadata.src_node_id}"
         if reply.has_error():
-            self.failures[name] = f"{action}: {reply.error.reason}"
+            self.failures[name] = (
+                f"{action}: {error_text(int(reply.error.code), str(reply.error.reason))}"
+            )
             return None
         try:
             record = reply.content.get(keys.SECAGG)

@@ -76,4 +76,4 @@ def test_derived_noise_is_spent_in_site_ledgers_and_a_later_run_is_refused(tmp_p
         assert entries and all(e == [2.0, 1.0, 1] for e in entries)  # eval-noise-multiplier 2
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert second.returncode == 1 and summary["status"] == "stopped"
-    assert "exhausted" in summary["reason"]
+    assert "error 103" in summary["reason"] and "budget" in summary["reason"]
