@@ -37,9 +37,11 @@ from privacy import (
     PrivacyRefused,
     check_client_round,
     eval_entry,
+    eval_noise_multiplier,
     privatize_update,
     release_eval_sums,
     resolve_dp,
+    study_delta,
 )
 from privacy.secagg import RoundSetup
 from privacy.secagg.wire import LOSS_ARRAY, LOSS_RANGE
@@ -288,7 +290,15 @@ def _train_dp(
     request = DPRequest.from_run_config(config)
     ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
     run_id = str(context.run_id)
-    reserved = (eval_entry(site.eval_noise_multiplier),) * (config.num_server_rounds + 1)
+    releases = config.num_server_rounds + 1  # one evaluation per planned round, and a final one
+    delta = study_delta(ledger, request.delta, num_train_samples=len(dataset), limits=site.limits)
+    eval_noise = eval_noise_multiplier(
+        budget_epsilon=min(request.target_epsilon, site.limits.max_epsilon),
+        delta=delta,
+        releases=releases,
+        fraction=site.eval_budget_fraction,
+    )
+    reserved = (eval_entry(eval_noise),) * releases
     plan = resolve_dp(
         request,
         site.limits,
@@ -330,8 +340,8 @@ def _released_sums(
 ) -> tuple[RunConfig, SiteDataset, dict[str, int | float | list[int] | list[float]]]:
     """The evaluation sums this site releases: exact without DP, noised and charged with it.
 
-    Under DP (either mode) the counts carry discrete Gaussian noise of the site's own
-    ``eval-noise-multiplier`` and the release is charged to the study's record-level ledger
+    Under DP (either mode) the counts carry discrete Gaussian noise derived from the site's own
+    ``eval-budget-fraction``, and the release is charged to the study's record-level ledger
     before it leaves (:func:`privacy.release_eval_sums`); the loss sum is withheld (zero).
     """
     config, dataset, sums = _evaluate_val(msg, site)
@@ -352,7 +362,8 @@ def _released_sums(
     noised = release_eval_sums(
         confusion=sums.confusion,
         score_hist=sums.score_hist,
-        noise_multiplier=site.eval_noise_multiplier,
+        planned_releases=config.num_server_rounds + 1,
+        budget_fraction=site.eval_budget_fraction,
         ledger=ledger,
         limits=site.limits,
         target_epsilon=config.target_epsilon,

@@ -35,7 +35,7 @@ class Site:
     ledger_root: Path
     limits: SiteLimits
     secagg_min_threshold: int = 2
-    eval_noise_multiplier: float = 2.0
+    eval_budget_fraction: float = 0.1
 
 
 def default_ledger_root() -> Path:
@@ -54,7 +54,7 @@ def _site(node: NodeConfig, data_dir: Path, cache: Path, ledger: Path) -> Site:
         ledger_root=ledger,
         limits=SiteLimits.from_node_config(node),
         secagg_min_threshold=node.secagg_min_threshold,
-        eval_noise_multiplier=node.eval_noise_multiplier,
+        eval_budget_fraction=node.eval_budget_fraction,
     )
 
 

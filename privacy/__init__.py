@@ -41,7 +41,13 @@ from privacy.dp import (
     resolve_dp,
 )
 from privacy.ledger import LedgerRound, PrivacyLedger, SiteSpend, StudySpend, site_spend
-from privacy.release import EvalRelease, eval_entry, release_eval_sums
+from privacy.release import (
+    EvalRelease,
+    eval_entry,
+    eval_noise_multiplier,
+    release_eval_sums,
+    study_delta,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -70,6 +76,7 @@ __all__ = [
     "compute_epsilon",
     "default_delta",
     "eval_entry",
+    "eval_noise_multiplier",
     "history_delta",
     "merge_history",
     "noise_multiplier_for",
@@ -78,4 +85,5 @@ __all__ = [
     "release_eval_sums",
     "resolve_dp",
     "site_spend",
+    "study_delta",
 ]

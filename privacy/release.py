@@ -5,8 +5,10 @@ query on its patients' records that no training accountant covers. fedrad releas
 Gaussian-type mechanism on the counts:
 
 - the confusion counts and the per-class score histograms get independent discrete Gaussian
-  noise ``N_Z(0, (z * l2)^2)`` (:func:`privacy.noise.discrete_gaussian`, OS randomness), with
-  ``z`` the site's own ``eval-noise-multiplier`` (node config, never the coordinator's);
+  noise ``N_Z(0, (z * l2)^2)`` (:func:`privacy.noise.discrete_gaussian`, OS randomness); ``z``
+  is derived (:func:`eval_noise_multiplier`) so that the run's planned releases (one per planned
+  round and a final one) together spend at most the site's own ``eval-budget-fraction`` (node
+  config, default 0.1, never the coordinator's) of the study's budget;
 - one record adds 1 to one confusion cell and 1 to one bin of each of the ``C`` class-score
   histograms, so ``l2 = sqrt(1 + C)`` and ``l1 = 1 + C`` (add/remove of one record);
 - the number of examples is the sum of the noised confusion counts (post-processing), the loss
@@ -16,8 +18,9 @@ Gaussian-type mechanism on the counts:
   Gaussian satisfies the same ``l2^2 / (2 sigma^2)``-zCDP as the continuous one), that is the
   Opacus history entry ``(z, 1.0, 1)`` (:func:`eval_entry`), recorded in the study's
   record-level ledger before the sums are returned. Under DP-SGD it is the same ledger as
-  training, so one epsilon covers both; the noise multiplier DP-SGD derives reserves one
-  release per planned round and a final one.
+  training, so one epsilon covers both; the noise multiplier DP-SGD derives reserves the
+  planned releases. A coordinator that runs more rounds than it planned only meets the
+  budget's refusals sooner.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from privacy.dp import SiteLimits, default_delta
 from privacy.ledger import PrivacyLedger
 from privacy.noise import discrete_gaussian, effective_noise_multiplier
 
-__all__ = ["EvalRelease", "eval_entry", "eval_sensitivity", "release_eval_sums"]
+__all__ = [
+    "EvalRelease",
+    "eval_entry",
+    "eval_noise_multiplier",
+    "eval_sensitivity",
+    "release_eval_sums",
+    "study_delta",
+]
 
 
 def eval_sensitivity(num_classes: int) -> tuple[float, float]:
@@ -52,6 +62,33 @@ def eval_entry(noise_multiplier: float) -> HistoryEntry:
     return (z, 1.0, 1)
 
 
+def eval_noise_multiplier(
+    *, budget_epsilon: float, delta: float, releases: int, fraction: float
+) -> float:
+    """The noise multiplier of each of ``releases`` evaluation releases.
+
+    The budget is split in zero-concentrated DP, where composition is a sum: ``budget_epsilon``
+    at ``delta`` is worth ``rho`` with ``budget_epsilon = rho + 2 sqrt(rho log(1/delta))``
+    (Bun and Steinke 2016, Proposition 1.3), the releases get ``fraction * rho`` together, and
+    one Gaussian release of multiplier ``z`` costs ``1 / (2 z^2)``. So evaluation takes that
+    fraction of the RDP curve the ledger composes with training (a standalone epsilon for the
+    releases alone would overstate their share: the ``log(1/delta)`` term is paid once). The
+    ledger's own accountant then does the accounting.
+    """
+    if not (budget_epsilon > 0 and 0 < delta < 1 and releases >= 1 and 0 < fraction <= 1):
+        raise ValueError("budget_epsilon, delta, releases and fraction are out of range.")
+    log_inv = math.log(1 / delta)
+    rho = (math.sqrt(log_inv + budget_epsilon) - math.sqrt(log_inv)) ** 2
+    return 1.0 / math.sqrt(2 * fraction * rho / releases)
+
+
+def study_delta(
+    ledger: PrivacyLedger, requested: float | None, *, num_train_samples: int, limits: SiteLimits
+) -> float:
+    """The delta a study is accounted at here: the ledger's, the run's, else ``1 / (10 N)``."""
+    return ledger.delta or requested or min(default_delta(num_train_samples), limits.max_delta)
+
+
 @dataclass(frozen=True)
 class EvalRelease:
     """Noised evaluation counts and the site's spend after releasing them."""
@@ -68,7 +105,8 @@ def release_eval_sums(
     *,
     confusion: np.ndarray,
     score_hist: np.ndarray,
-    noise_multiplier: float,
+    planned_releases: int,
+    budget_fraction: float,
     ledger: PrivacyLedger,
     limits: SiteLimits,
     target_epsilon: float,
@@ -82,6 +120,9 @@ def release_eval_sums(
 
     Parameters
     ----------
+    planned_releases, budget_fraction
+        The run's planned evaluation releases and the site's ``eval-budget-fraction``: they
+        give the noise (:func:`eval_noise_multiplier`).
     delta
         The run's delta, or None: the study's delta at this site, else ``1 / (10 N)`` within
         the site's ``max-delta`` (as DP-SGD chooses it).
@@ -95,10 +136,13 @@ def release_eval_sums(
         If the release would bring the study above ``min(target-epsilon, max-epsilon)``, or
         the site's total over all studies above ``max-total-epsilon``.
     """
-    chosen = ledger.delta or delta or min(default_delta(num_train_samples), limits.max_delta)
+    chosen = study_delta(ledger, delta, num_train_samples=num_train_samples, limits=limits)
     limits.check(epsilon=target_epsilon, delta=chosen)
-    entry = eval_entry(noise_multiplier)
     budget = min(target_epsilon, limits.max_epsilon)
+    noise_multiplier = eval_noise_multiplier(
+        budget_epsilon=budget, delta=chosen, releases=planned_releases, fraction=budget_fraction
+    )
+    entry = eval_entry(noise_multiplier)
     projected = ledger.projected_epsilon(
         entry, study_id=ledger.study_id, delta=chosen, accountant=accountant
     )

@@ -73,7 +73,7 @@ def test_derived_noise_is_spent_in_site_ledgers_and_a_later_run_is_refused(tmp_p
     assert len(records) == 3
     for path in records:
         entries = [e for r in json.loads(path.read_text())["rounds"] for e in r["history"]]
-        assert entries and all(e == [2.0, 1.0, 1] for e in entries)  # eval-noise-multiplier 2
+        assert entries and all(e[1:] == [1.0, 1] and e[0] > 1 for e in entries)  # releases
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert second.returncode == 1 and summary["status"] == "stopped"
     assert "error 103" in summary["reason"] and "budget" in summary["reason"]

@@ -80,7 +80,12 @@ def test_epsilon_is_cumulative_over_rounds_and_runs(dp_sites, tmp_path):
     # cumulative, and within the study budget
     assert all(0 < a < b <= 6.0 + 1e-6 for a, b in zip(eps[0], eps[1], strict=True))
     assert later["site-1"]["epsilon"] > eps[1][0]  # a later run of the study adds to the spend
-    assert len(ledger["rounds"]) == 3
+    histories = [r["history"] for r in ledger["rounds"]]
+    trained = [h for h in histories if h[0][1] < 1.0]  # DP-SGD: Poisson rate below 1
+    assert len(trained) == 3  # two rounds of run a, one of run b
+    # every other entry is one evaluation release (a Gaussian release, rate 1, one step)
+    assert all(h[0][1:] == [1.0, 1] for h in histories if h not in trained)
+    assert len(histories) > 3
 
 
 def test_site_refuses_a_run_above_its_ceiling(dp_sites, tmp_path):
@@ -104,7 +109,7 @@ def test_site_refuses_a_run_above_its_ceiling(dp_sites, tmp_path):
 
     assert result.returncode == 1
     assert summary["status"] == "stopped"
-    assert "max-epsilon" in summary["reason"]
+    assert "error 106" in summary["reason"]  # above the site ceiling; the detail stays local
     assert not (tmp_path / "c" / "rounds").exists()  # nothing was aggregated
 
 

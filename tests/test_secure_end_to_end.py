@@ -76,10 +76,11 @@ def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tm
     )
     evaluations = [r["evaluate"] for r in rounds]
     assert [e["model-round"] for e in evaluations] == [0, 1]  # the model each round started from
-    # under DP they are noised at each site (std 3.5 per count) and the loss is withheld
+    # under DP they are noised at each site and the loss is withheld
     for evaluation in evaluations:
         assert evaluation["secure-aggregation"] is True and evaluation["sites"] == {}
-        assert 0 < evaluation["aggregate"]["num-examples"] < val_samples + 100
+        # 3 sites x 4 confusion cells, std about 6.5 each at these settings, clipped at 0
+        assert 0 <= evaluation["aggregate"]["num-examples"] <= val_samples + 12 * 6 * 7
         assert math.isnan(evaluation["aggregate"]["loss"])
     summary = json.loads((run_dir / "summary.json").read_text())
     final_evaluation = summary["final-evaluation"]
@@ -93,7 +94,7 @@ def test_secure_aggregation_with_dp_trains_and_reveals_only_sums(three_sites, tm
     recorded = [r["history"] for r in json.loads(ledger.read_text())["rounds"]]
     # DP spent at the site: per round an evaluation release then DP-SGD; then the final release
     assert len(recorded) == 5
-    assert [h == [[2.0, 1.0, 1]] for h in recorded] == [True, False, True, False, True]
+    assert [h[0][1:] == [1.0, 1] for h in recorded] == [True, False, True, False, True]
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])

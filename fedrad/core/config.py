@@ -284,12 +284,12 @@ class NodeConfig:
     ``max-total-epsilon`` (over all studies together, recorded in the ledger folder),
     ``allowed-studies`` (comma-separated study ids; empty allows any), ``secagg-min-threshold``
     (the smallest secure-aggregation threshold it accepts and sizes its noise share by),
-    ``eval-noise-multiplier`` (noise of the evaluation counts it releases under DP, over their
-    sensitivity), ``identity-key`` and ``roster`` (the site's signing key and the consortium's
-    roster of sites, for authenticated secure aggregation), ``ca-cert`` (the consortium CA's
-    certificate, which must have signed the roster; required when ``data-dir`` is set) and
-    ``log-file`` (the site's local log of refused requests, with the details that never leave
-    the site).
+    ``eval-budget-fraction`` (the share of a study's budget its noised evaluation releases may
+    spend under DP; their noise is derived from it), ``identity-key`` and ``roster`` (the
+    site's signing key and the consortium's roster of sites, for authenticated secure
+    aggregation), ``ca-cert`` (the consortium CA's certificate, which must have signed the
+    roster; required when ``data-dir`` is set) and ``log-file`` (the site's local log of
+    refused requests, with the details that never leave the site).
     """
 
     data_dir: str = ""
@@ -304,7 +304,7 @@ class NodeConfig:
     max_total_epsilon: float = 30.0
     allowed_studies: str = ""
     secagg_min_threshold: int = 2
-    eval_noise_multiplier: float = 2.0
+    eval_budget_fraction: float = 0.1
     identity_key: str = ""
     roster: str = ""
     ca_cert: str = ""
@@ -332,7 +332,12 @@ class NodeConfig:
                     "digits, '-', '_' and '.'); separate ids with commas."
                 )
         _check_range("secagg-min-threshold", self.secagg_min_threshold, 2, 100_000)
-        _check_range("eval-noise-multiplier", self.eval_noise_multiplier, 0.5, 1000.0)
+        if not 0.0 < self.eval_budget_fraction <= 0.5:
+            raise ConfigError(
+                "'eval-budget-fraction' must be in (0, 0.5], got "
+                f"{self.eval_budget_fraction}: the share of a study's epsilon that evaluation "
+                "releases may spend under DP."
+            )
 
     @property
     def allowed_study_ids(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from privacy import (
     SiteLimits,
     compute_epsilon,
     eval_entry,
+    eval_noise_multiplier,
     release_eval_sums,
 )
 from privacy.release import eval_sensitivity
@@ -27,11 +28,14 @@ CONFUSION = np.array([[400, 100], [50, 450]])
 HIST = np.full((2, 2, SCORE_BINS), 50, dtype=np.int64)
 
 
-def _release(ledger: PrivacyLedger, *, z: float = 4.0, target: float = 8.0, delta=1e-5, **kw):
+def _release(
+    ledger: PrivacyLedger, *, releases: int = 3, fraction=0.1, target=8.0, delta=1e-5, **kw
+):
     return release_eval_sums(
         confusion=CONFUSION,
         score_hist=HIST,
-        noise_multiplier=z,
+        planned_releases=releases,
+        budget_fraction=fraction,
         ledger=ledger,
         limits=kw.pop("limits", LIMITS),
         target_epsilon=target,
@@ -54,34 +58,56 @@ def test_one_record_moves_the_counts_by_the_stated_sensitivity() -> None:
     assert eval_entry(3.0) == (3.0, 1.0, 1)
 
 
+def test_eval_noise_takes_the_fraction_of_the_budget_in_zcdp() -> None:
+    # Reference: epsilon = rho + 2 sqrt(rho log(1/delta)) (Bun and Steinke 2016, Prop. 1.3);
+    # one Gaussian release of multiplier z is 1 / (2 z^2)-zCDP, and zCDP composes by sums
+    z = eval_noise_multiplier(budget_epsilon=8.0, delta=1e-5, releases=13, fraction=0.1)
+    log_inv = math.log(1e5)
+    rho = (math.sqrt(log_inv + 8.0) - math.sqrt(log_inv)) ** 2
+    assert rho + 2 * math.sqrt(rho * log_inv) == pytest.approx(8.0)
+    assert 13 / (2 * z**2) == pytest.approx(0.1 * rho)
+    assert z == pytest.approx(7.87, abs=0.01)
+    # the releases alone then cost well under the whole budget
+    assert compute_epsilon([(z, 1.0, 13)], delta=1e-5, accountant="rdp") < 2.5
+
+
 def test_release_is_noised_clipped_and_charged_before_it_leaves(tmp_path: Path) -> None:
     # Execute
-    release = _release(_ledger(tmp_path), z=4.0)
+    release = _release(_ledger(tmp_path), releases=3, target=8.0)
 
     # Assert: the noise has the stated std, counts stay non-negative, the ledger paid first
-    std = 4.0 * math.sqrt(3)
+    z = eval_noise_multiplier(budget_epsilon=8.0, delta=1e-5, releases=3, fraction=0.1)
+    std = z * math.sqrt(3)
     assert release.std == pytest.approx(std)
     noise = (release.score_hist - HIST).ravel()
     assert noise.std() == pytest.approx(std, rel=0.2)  # 400 cells, none near 0
     assert release.confusion.min() >= 0 and release.score_hist.min() >= 0
     assert not np.array_equal(release.confusion, CONFUSION)
     assert release.num_examples == int(release.confusion.sum())
-    reference = compute_epsilon([(4.0, 1.0, 1)], delta=1e-5, accountant="rdp")
+    reference = compute_epsilon([(z, 1.0, 1)], delta=1e-5, accountant="rdp")
     assert release.epsilon == pytest.approx(reference)
     assert _ledger(tmp_path).spent_epsilon == pytest.approx(reference)
 
 
 def test_releases_compose_and_refuse_beyond_the_budget(tmp_path: Path) -> None:
-    # Prepare: at z = 1 one release costs 4.73 and two 7.08 (delta 1e-5); the target is 6
+    # Prepare: a coordinator that plans 1 release at fraction 0.5 of target 6 (z about 1.2),
+    # then asks for more releases than it planned
     ledger = _ledger(tmp_path)
-    first = _release(ledger, z=1.0, target=6.0)
+    z = eval_noise_multiplier(budget_epsilon=6.0, delta=1e-5, releases=1, fraction=0.5)
+    spent = [_release(ledger, releases=1, fraction=0.5, target=6.0, server_round=1).epsilon]
 
-    # Execute / Assert: the second would exceed the target; nothing more is recorded
+    # Execute / Assert: releases compose until the target refuses one; nothing more recorded
     with pytest.raises(BudgetExhausted, match="evaluates this study no further"):
-        _release(ledger, z=1.0, target=6.0, server_round=2)
-    assert len(_ledger(tmp_path).rounds) == 1
-    assert first.epsilon == pytest.approx(
-        compute_epsilon([(1.0, 1.0, 1)], delta=1e-5, accountant="rdp")
+        for server_round in range(2, 10):
+            spent.append(
+                _release(
+                    ledger, releases=1, fraction=0.5, target=6.0, server_round=server_round
+                ).epsilon
+            )
+    assert len(_ledger(tmp_path).rounds) == len(spent) >= 2
+    assert spent == sorted(spent) and spent[-1] <= 6.0
+    assert spent[-1] == pytest.approx(
+        compute_epsilon([(z, 1.0, len(spent))], delta=1e-5, accountant="rdp")
     )
 
 
