@@ -36,6 +36,7 @@ from privacy.certs import (
     ServerCertificate,
     create_ca,
     create_node_key_pair,
+    create_roster,
     create_server_certificate,
 )
 
@@ -168,6 +169,14 @@ class SuperLink:
         )
         return str(json.loads(output[output.index("{") :])["node-id"])
 
+    def unregister(self, node_id: str) -> None:
+        """``flwr supernode unregister NODE_ID CONNECTION``: the node may no longer connect."""
+        run(
+            [str(BIN / "flwr"), "supernode", "unregister", node_id, CONNECTION],
+            env=self.env,
+            timeout=60,
+        )
+
     def nodes(self) -> dict[str, str]:
         """Registered node ids and their status (``online``, ``offline``, ``registered``)."""
         output = run(
@@ -279,13 +288,19 @@ def _federation(
     launcher = Launcher(tmp_path / "logs")
     try:
         nodes, node_ids = {}, {}
-        for site in sites:
-            keys = create_node_key_pair(superlink.keys_dir, f"{site}-{tmp_path.name}")
+        pairs = {
+            site: create_node_key_pair(superlink.keys_dir, f"{site}-{tmp_path.name}")
+            for site in sites
+        }
+        # the consortium's CA-signed roster: each site checks its peers' SecAgg+ keys against it
+        roster = create_roster(superlink.ca, tmp_path / "roster.json", pairs)
+        for site, keys in pairs.items():
             node_ids[site] = superlink.register(keys.public)
             node = tmp_path / site  # a hospital's own disk
             node_config = (
                 f"data-dir='{sites_dir / site}' site-id='{site}' ledger-dir='{node / 'ledger'}' "
-                f"cache-dir='{node / 'cache'}' min-cell-count=1"
+                f"cache-dir='{node / 'cache'}' min-cell-count=1 identity-key='{keys.private}' "
+                f"roster='{roster}' ca-cert='{superlink.ca.cert}'"
             )
             nodes[site] = launcher.start(
                 site,
@@ -304,6 +319,11 @@ def _federation(
         yield Federation(superlink, nodes, node_ids, tmp_path)
     finally:
         launcher.stop_all()
+        # a stopped node may stay "online" to the SuperLink for a while: unregister it, so the
+        # next federation's rounds sample only their own sites (a round listing more
+        # participants than a site's roster is refused as padded with strangers)
+        for node_id in node_ids.values():
+            superlink.unregister(node_id)
 
 
 @pytest.fixture
