@@ -43,6 +43,13 @@ def main(grid: Grid, context: Context) -> None:
         sites_dir = Path(config.sites_dir).expanduser()
         log.info("%d site folder(s) in %s", len(list_site_dirs(sites_dir)), sites_dir)
     summary = Federation(grid, config, run_dir).run()
+    if not summary["rounds-completed"]:
+        log.error(
+            "run %s: no model was trained (no round completed): %s",
+            summary["status"],
+            summary.get("reason") or "no round was run",
+        )
+        return
     log.info(
         "run %s after %d round(s); global model in %s",
         summary["status"],

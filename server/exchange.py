@@ -12,22 +12,26 @@ failures, each failure filed under the node it was sent to.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedrad.core import keys
-from fedrad.core.errors import error_text
+from fedrad.core.errors import FedradError, error_text
 
 __all__ = [
     "FIRST_POLL_S",
     "MAX_POLL_S",
     "SiteReplies",
     "collect_replies",
+    "describe_failures",
+    "load_node_names",
     "node_label",
     "send_and_receive",
 ]
@@ -116,9 +120,40 @@ def collect_replies(
     return out
 
 
-def node_label(node: int, names: dict[int, str]) -> str:
+def node_label(node: int, names: Mapping[int, str] | None) -> str:
     """Return how a report names a node: its site name where known, else ``node-<id>``."""
-    return f"{names[node]} (node {node})" if node in names else f"node-{node}"
+    return f"{names[node]} (node {node})" if names and node in names else f"node-{node}"
+
+
+def load_node_names(path: str) -> dict[int, str]:
+    """Node id to site name, from the file ``fedrad coordinator start`` writes (``node-names``).
+
+    The coordinator registered each site's key and knows which node is which hospital; the
+    names only make its own reports readable. An empty ``path`` gives no names.
+    """
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).expanduser().read_text())
+        return {int(node): str(name) for node, name in dict(raw).items()}
+    except FileNotFoundError:
+        raise FedradError(
+            f"node-names file {path} does not exist; `fedrad coordinator start` writes it when "
+            "it registers the sites' keys, or leave node-names empty."
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise FedradError(
+            f"node-names file {path} is not a JSON object of node id to site name ({exc}); "
+            "restart the coordinator with `fedrad coordinator start` to rewrite it."
+        ) from None
+
+
+def describe_failures(failures: Mapping[str, str]) -> str:
+    """One line per distinct failure, naming every site it happened to (not N repeats)."""
+    by_text: dict[str, list[str]] = {}
+    for site, text in failures.items():
+        by_text.setdefault(text, []).append(site)
+    return "; ".join(f"{', '.join(sorted(sites))}: {text}" for text, sites in by_text.items())
 
 
 def _cell_counts(record: Mapping[str, object]) -> dict[str, int]:

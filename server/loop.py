@@ -23,7 +23,13 @@ from fedrad.core.config import RunConfig
 from models import ModelSpec
 from privacy import ClientDPPlan, planned_client_epsilon
 from server.digest import sha256_arrays
-from server.exchange import SiteReplies, collect_replies, send_and_receive
+from server.exchange import (
+    SiteReplies,
+    collect_replies,
+    describe_failures,
+    load_node_names,
+    send_and_receive,
+)
 from server.initial_model import initial_arrays, model_spec
 from server.metrics import evaluation_metrics
 from server.rundir import RunDir
@@ -39,7 +45,7 @@ from server.strategies import (
 log = logging.getLogger(__name__)
 
 # Run-config keys that describe the coordinator's own disk; never sent to a site.
-_COORDINATOR_ONLY = ("sites-dir", "out-dir", "resume-from")
+_COORDINATOR_ONLY = ("sites-dir", "out-dir", "resume-from", "node-names")
 
 
 class Federation:
@@ -52,7 +58,8 @@ class Federation:
         self.strategy = build_strategy(config)
         self.spec = model_spec(config)
         self.client_plan = ClientDPPlan.from_run_config(config) if config.dp == "client" else None
-        self.site_names: dict[int, str] = {}
+        self.site_names: dict[int, str] = load_node_names(config.node_names)
+        """Node id to site name: the operator's registrations, then what sites reported."""
         self.participants: set[str] = set()
         """The sites that took part so far (names, or ``node-<id>`` under SecAgg+)."""
 
@@ -114,7 +121,8 @@ class Federation:
                     "stopped",
                     (
                         f"round {server_round}: {train.num_trained} site(s) trained, at least "
-                        f"{self.config.min_sites} needed (min-sites); failures: {train.failures}"
+                        f"{self.config.min_sites} needed (min-sites); failures: "
+                        f"{describe_failures(train.failures) or 'none'}"
                     ),
                 )
                 record["status"] = "failed"
@@ -154,6 +162,7 @@ class Federation:
                 model_round=model_round,
                 arrays=arrays,
                 site_config=self._site_config(model_round, "val"),
+                names=self.site_names,
             )
             last_eval = final["aggregate"]
         summary = {
@@ -189,6 +198,7 @@ class Federation:
                 arrays=arrays,
                 messages=messages,
                 client_level=self._client_level_epsilon(server_round),
+                names=self.site_names,
             )
         replies = send_and_receive(self.grid, messages, timeout=self.config.round_timeout)
         collected = collect_replies(messages, replies, self.site_names)

@@ -56,7 +56,7 @@ from privacy.secagg.wire import (
     message_from_fields,
     message_to_fields,
 )
-from server.exchange import send_and_receive
+from server.exchange import describe_failures, node_label, send_and_receive
 from server.strategies import numpy_to_arrays
 
 __all__ = ["SecureRoundResult", "default_threshold", "secure_round"]
@@ -126,6 +126,7 @@ def secure_round(
     max_count: int = 1 << 40,
     train: bool = True,
     signed_values: bool = False,
+    names: Mapping[int, str] | None = None,
 ) -> SecureRoundResult:
     """Run one round on ``node_ids`` and aggregate their updates (and counts) securely.
 
@@ -164,6 +165,8 @@ def secure_round(
     signed_values
         True under client-level DP: the sites add integer noise to their quantised values, so
         the sum is read as signed and the mean clipped to the range afterwards.
+    names
+        Node id to site name, for the failures and lists of the result (else ``node-<id>``).
     """
     started = time.monotonic()
     nodes = list(dict.fromkeys(int(n) for n in node_ids))
@@ -188,7 +191,7 @@ def secure_round(
             signed_values=signed_values and train,
         )
     except SecAggError as error:
-        return _aborted(nodes, failures, f"cannot set up the round: {error}", seconds)
+        return _aborted(nodes, failures, f"cannot set up the round: {error}", seconds, names)
     exchange = _Exchange(
         grid,
         node_of,
@@ -196,6 +199,7 @@ def secure_round(
         timeout=timeout,
         failures=failures,
         seconds=seconds,
+        names=names,
     )
     server = ServerSession(setup)
     global_record = numpy_to_arrays(arrays.items())
@@ -224,7 +228,7 @@ def secure_round(
         responses = exchange.run(UNMASK_ACTION, _contents(requests), UnmaskResponse)
         result = server.aggregate(responses)
     except RoundAborted as error:
-        return _aborted(nodes, failures, str(error), seconds)
+        return _aborted(nodes, failures, str(error), seconds, names)
     new_arrays: dict[str, np.ndarray] = {}
     totals: dict[str, float] = {keys.NUM_EXAMPLES: result.total_weight}
     if train:
@@ -232,7 +236,7 @@ def secure_round(
         mean_loss = float(result.arrays[LOSS_ARRAY][0]) * LOSS_RANGE / clipping_range
         totals[keys.LOSS_SUM] = mean_loss * result.total_weight
     seconds["total"] = round(time.monotonic() - started, 3)
-    dropped = [f"node-{node_of[p]}" for p in result.dropped]
+    dropped = [node_label(node_of[p], names) for p in result.dropped]
     log.info(
         "secure %s round %d: %d of %d site(s) aggregated, %d dropped (%.1f s)",
         "training" if train else "evaluation",
@@ -252,7 +256,7 @@ def secure_round(
         error_bound=result.error_bound,
         seconds=seconds,
         counts=result.counts,
-        aggregated=[f"node-{node_of[p]}" for p in sorted(result.contributors)],
+        aggregated=[node_label(node_of[p], names) for p in sorted(result.contributors)],
     )
 
 
@@ -279,8 +283,10 @@ class _Exchange:
         timeout: float,
         failures: dict[str, str],
         seconds: dict[str, float],
+        names: Mapping[int, str] | None = None,
     ) -> None:
         self.grid = grid
+        self.names = names
         self.node_of = node_of
         self.participant_of = {node: p for p, node in node_of.items()}
         self.group_id = group_id
@@ -314,7 +320,8 @@ class _Exchange:
         for p in contents:
             if p not in answered:
                 self.failures.setdefault(
-                    f"node-{self.node_of[p]}", f"{action}: no reply within {self.timeout} s"
+                    node_label(self.node_of[p], self.names),
+                    f"{action}: no reply within {self.timeout} s",
                 )
         self.seconds[action] = round(time.monotonic() - started, 3)
         return list(answered.values())
@@ -324,7 +331,7 @@ class _Exchange:
         for message in answered:
             if message.sender not in live:
                 self.failures.setdefault(
-                    f"node-{self.node_of[message.sender]}",
+                    node_label(self.node_of[message.sender], self.names),
                     f"{action}: dropped by the protocol (malformed message, or too few live "
                     "neighbours)",
                 )
@@ -332,7 +339,7 @@ class _Exchange:
     def _decoded(
         self, action: str, reply: Message, kind: type[_Reply], participant: NodeId
     ) -> _Reply | None:
-        name = f"node-{reply.metadata.src_node_id}"
+        name = node_label(reply.metadata.src_node_id, self.names)
         if reply.has_error():
             self.failures[name] = (
                 f"{action}: {error_text(int(reply.error.code), str(reply.error.reason))}"
@@ -367,14 +374,18 @@ def _add(array: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
 
 
 def _aborted(
-    nodes: list[int], failures: dict[str, str], reason: str, seconds: dict[str, float]
+    nodes: list[int],
+    failures: dict[str, str],
+    reason: str,
+    seconds: dict[str, float],
+    names: Mapping[int, str] | None,
 ) -> SecureRoundResult:
-    log.warning("secure round aborted: %s; failures: %s", reason, failures)
+    log.warning("secure round aborted: %s; failures: %s", reason, describe_failures(failures))
     return SecureRoundResult(
         arrays=None,
         totals={},
         contributors=0,
-        dropped=[f"node-{node}" for node in nodes],
+        dropped=[node_label(node, names) for node in nodes],
         failures=failures,
         status="aborted",
         reason=reason,

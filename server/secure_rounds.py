@@ -38,6 +38,7 @@ def train_securely(
     arrays: dict[str, np.ndarray],
     messages: list[Message],
     client_level: Mapping[str, float],
+    names: Mapping[int, str] | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, SiteReplies]:
     """Train under SecAgg+: the strategy then sees only the sites' weighted mean.
 
@@ -62,6 +63,7 @@ def train_securely(
         timeout=config.round_timeout,
         count_sizes=evalsums.count_sizes(config.num_classes),
         signed_values=config.dp == "client",
+        names=names,
     )
     collected.failures.update(result.failures)
     collected.participants.extend(result.aggregated)
@@ -126,6 +128,7 @@ def evaluate_securely(
     model_round: int,
     arrays: dict[str, np.ndarray],
     site_config: ConfigRecord,
+    names: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the last model in an evaluation-only secure round (for the run summary)."""
     nodes = list(grid.get_node_ids())
@@ -140,6 +143,7 @@ def evaluate_securely(
         timeout=config.round_timeout,
         count_sizes=evalsums.count_sizes(config.num_classes),
         train=False,
+        names=names,
     )
     aggregate = (
         evaluation_metrics(evalsums.from_counts(result.counts), config) if result.counts else {}

@@ -111,6 +111,10 @@ def test_site_refuses_a_run_above_its_ceiling(dp_sites, tmp_path):
     assert summary["status"] == "stopped"
     assert "error 106" in summary["reason"]  # above the site ceiling; the detail stays local
     assert not (tmp_path / "c" / "rounds").exists()  # nothing was aggregated
+    # the user is told plainly that no model exists, and why, once for both sites
+    assert "no model was trained" in result.stdout
+    assert "model.safetensors" not in result.stdout
+    assert summary["reason"].count("error 106") == 1
 
 
 def test_spent_budget_stops_training(dp_sites, tmp_path):

@@ -205,6 +205,13 @@ def _print_run(run_dir: Path) -> dict[str, object]:
 
     summary = RunDir(run_dir).read_summary()
     validation = summary.get("validation", {})
+    if not summary.get("rounds-completed") or not (run_dir / "model.safetensors").is_file():
+        out.print(
+            f"run {summary['status']}: no model was trained (no round completed); "
+            f"run directory {run_dir}"
+        )
+        out.print(f"why: {summary.get('reason') or 'no round was run'}")
+        return summary
     out.print(
         f"run {summary['status']}: {summary['rounds-completed']} round(s); "
         f"pooled validation AUC {validation.get('auc', float('nan')):.3f}; "

@@ -108,6 +108,7 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "sites-dir": "folder of site folders (simulation; e.g. written by fedrad synth)",
     "out-dir": "run directory to write; empty: a new folder under ./runs",
     "resume-from": "run directory whose latest checkpoint the run continues from",
+    "node-names": "JSON file mapping Flower node ids to site names (fedrad coordinator start)",
     "seed": "seed of initial weights and local shuffling",
     "kind": "2d images or 3d series (slices grouped by SeriesInstanceUID)",
     "image-size": "in-plane size images are resized to",
@@ -155,6 +156,7 @@ class RunConfig:
     sites_dir: str = ""
     out_dir: str = ""
     resume_from: str = ""
+    node_names: str = ""
     seed: int = 0
     kind: str = "2d"
     image_size: int = 64

@@ -44,3 +44,46 @@ def test_failures_are_filed_under_the_node_sent_to_not_the_replier(task_identity
     }
     assert names[11] == "site-1"
     assert collected.participants == ["site-1"]
+
+
+def test_failures_use_the_operators_node_names_from_the_start(task_identity, tmp_path):
+    from server.exchange import load_node_names
+
+    names_file = tmp_path / "nodes.json"
+    names_file.write_text('{"11": "hospital-a", "22": "hospital-b"}')
+    names = load_node_names(str(names_file))
+    assert names == {11: "hospital-a", 22: "hospital-b"}
+    sent = [_sent(11), _sent(22), _sent(33)]
+    collected = collect_replies(sent, [], names)
+    # no site answered, so none reported its name: the operator's names still label them
+    assert set(collected.failures) == {"hospital-a (node 11)", "hospital-b (node 22)", "node-33"}
+
+
+def test_node_names_file_errors_say_how_to_fix(tmp_path):
+    from fedrad.core.errors import FedradError
+    from server.exchange import load_node_names
+
+    assert load_node_names("") == {}
+    with pytest.raises(FedradError, match="fedrad coordinator start"):
+        load_node_names(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(FedradError, match="not a JSON object"):
+        load_node_names(str(bad))
+
+
+def test_repeated_failures_are_reported_once_with_every_site():
+    from server.exchange import describe_failures
+
+    text = describe_failures(
+        {
+            "site-2 (node 2)": "budget spent",
+            "site-1 (node 1)": "budget spent",
+            "site-3 (node 3)": "no reply within round-timeout",
+        }
+    )
+    assert text == (
+        "site-1 (node 1), site-2 (node 2): budget spent; site-3 (node 3): no reply within "
+        "round-timeout"
+    )
+    assert text.count("budget spent") == 1
