@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,9 +307,25 @@ def load_site(
     return _dataset(site_dir, samples, skipped)
 
 
+def skip_reason_counts(skipped: list[tuple[str, str]]) -> str:
+    """``"2 corrupt, 1 duplicate"``: how many samples were skipped for each kind of reason."""
+    counts = Counter(
+        (reason.split(":", 1)[0].strip() or "unreadable")[:40] for _, reason in skipped
+    )
+    return ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+
+
 def _dataset(site_dir: Path, samples: list[Sample], skipped: list[tuple[str, str]]) -> SiteDataset:
     if skipped:
-        log.warning("%s: skipped %d sample(s) that cannot be used", site_dir, len(skipped))
+        log.warning(
+            "%s: skipped %d sample(s) that cannot be used (%s); see each file and its fix with "
+            "`fedrad site check %s` (this stays on the site: only counts of usable samples "
+            "are ever sent)",
+            site_dir,
+            len(skipped),
+            skip_reason_counts(skipped),
+            site_dir,
+        )
     if not samples:
         raise DataError(
             f"Site folder {site_dir} has no usable samples ({len(skipped)} skipped, first "

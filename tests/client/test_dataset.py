@@ -105,12 +105,19 @@ def test_site_without_usable_samples_is_refused(tmp_path):
         load_site(site, CONFIG_2D, num_classes=2)
 
 
-def test_corrupt_file_is_skipped_with_reason_not_trained_on(tmp_path):
+def test_corrupt_file_is_skipped_with_reason_not_trained_on(tmp_path, caplog):
     site = _site_from_files(tmp_path, ["CT_small.dcm", "MR_small.dcm"])
     data = (site / "MR_small.dcm").read_bytes()
     (site / "MR_small.dcm").write_bytes(data[: len(data) // 2])
 
-    dataset = load_site(site, CONFIG_2D, num_classes=2)
+    with caplog.at_level("WARNING", logger="client.dataset"):
+        dataset = load_site(site, CONFIG_2D, num_classes=2)
+
+    # the site's own console gives the reason counts and the next step
+    warning = next(r.getMessage() for r in caplog.records if "skipped 1 sample" in r.getMessage())
+    reason_kind = dataset.skipped[0][1].split(":", 1)[0]
+    assert f"(1 {reason_kind})" in warning
+    assert f"fedrad site check {site}" in warning
 
     assert [s.id for s in dataset.samples] == ["CT_small.dcm"]
     assert dataset.skipped[0][0] == "MR_small.dcm"
