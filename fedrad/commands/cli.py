@@ -18,7 +18,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+# Flower reads this when it is first imported: no usage events leave a hospital's network
+# unless a user opts in by setting FLWR_TELEMETRY_ENABLED=1 explicitly.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from rich.console import Console  # noqa: E402
 from rich.logging import RichHandler
 from rich.table import Table
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedrad.commands.consortium import FLOWER_ENV
+
 __all__ = ["Launched", "alive", "descendants", "free_port", "listening", "signal_tree", "start"]
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class Launched:
         self.proc.wait(timeout=10)
 
 
-def start(
+def start(  # noqa: D417 - the environment is documented in the summary
     name: str,
     args: Sequence[str],
     *,
@@ -118,9 +120,14 @@ def start(
     cwd: Path | None = None,
     append: bool = False,
 ) -> Launched:
-    """Start ``args`` in a new session, its output going to ``log_dir/<name>.log``."""
+    """Start ``args`` in a new session, its output going to ``log_dir/<name>.log``.
+
+    The process gets ``env`` plus :data:`fedrad.commands.consortium.FLOWER_ENV`: Flower's
+    telemetry off and no dependency installation at run time, whatever ``env`` says.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{name}.log"
+    env = {**env, **FLOWER_ENV}  # every process fedrad starts: no telemetry, no runtime installs
     with path.open("ab" if append else "wb") as out:
         proc = subprocess.Popen(
             list(args),
