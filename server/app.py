@@ -33,9 +33,28 @@ def resolve_run_dir(config: RunConfig) -> RunDir:
     return RunDir(new_run_dir(Path.cwd() / "runs"))
 
 
+def _log_where_flower_logs() -> None:
+    """Under ``flwr run``, show fedrad's own progress lines (one per round) in Flower's log.
+
+    ``flwr run --stream`` streams what Flower's console handler writes; fedrad's loggers have
+    no handler there. The ``fedrad`` command sets its loggers' levels and console first and is
+    left alone.
+    """
+    from flwr.supercore.logger import console_handler
+
+    for package in ("server", "fedrad", "privacy"):
+        logger = logging.getLogger(package)
+        if logger.level != logging.NOTSET:
+            continue  # the fedrad command chose its levels and handlers
+        logger.setLevel(logging.INFO)
+        logger.addHandler(console_handler)
+        logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a federation as the run config describes."""
+    _log_where_flower_logs()
     config = RunConfig.from_user_config(context.run_config)
     run_dir = resolve_run_dir(config)
     log.info("run directory: %s", run_dir.path)

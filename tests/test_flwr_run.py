@@ -46,7 +46,16 @@ def test_flwr_run_and_fedrad_simulate_run_the_same_code(sites_2d, tmp_path, flwr
     )
 
     by_flwr = run_command(
-        [flwr, "run", ".", "--stream", "--federation-config", "num-supernodes=2", "-c", overrides],
+        [
+            flwr,
+            "run",
+            ".",
+            "--stream",
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+            "-c",
+            overrides,
+        ],
         timeout=400,
         cwd=ROOT,
         env={"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
@@ -76,3 +85,16 @@ def test_flwr_run_and_fedrad_simulate_run_the_same_code(sites_2d, tmp_path, flwr
     assert str(flwr_home) in flwr_record["code"]["root"]
     assert flwr_record["code"]["sha256"] == fedrad_record["code"]["sha256"]
     assert flwr_record["config"] == {**fedrad_record["config"], "out-dir": str(flwr_run)}
+    # --stream shows fedrad's own progress: the run directory and one line per round
+    assert f"run directory: {flwr_run}" in by_flwr.stdout, by_flwr.stdout[-3000:]
+    assert "round 1/1: 2 site(s)" in by_flwr.stdout
+
+    # flwr run left its local SuperLink running; fedrad's command stops it by PID
+    from fedrad.commands.local_superlink import find_local_superlinks
+
+    assert find_local_superlinks(flwr_home), "flwr run leaves a local SuperLink behind"
+    stop = run_command(
+        fedrad_command("local-superlink", "stop"), timeout=60, env={"FLWR_HOME": str(flwr_home)}
+    )
+    assert "stopped the local simulation SuperLink" in stop.stdout, stop.stdout
+    assert find_local_superlinks(flwr_home) == []

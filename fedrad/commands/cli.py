@@ -152,6 +152,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     out.print(table)
     holdout = f" and a holdout of {summary.holdout_samples}" if summary.holdout_folder else ""
     out.print(f"wrote {len(summary.sites)} site folder(s){holdout} to {args.out_dir}")
+    sites_dir = Path(args.out_dir).resolve()
+    out.print(
+        f"federate them with `fedrad simulate {sites_dir}`, or with Flower's own command from "
+        "the fedrad checkout (one CPU per site, as fedrad simulate does):\n"
+        f'  flwr run . --stream --federation-config "num-supernodes={len(summary.sites)} '
+        f'client-resources-num-cpus=1" -c "sites-dir=\'{sites_dir}\'"\n'
+        "flwr run leaves a local SuperLink running; stop it with `fedrad local-superlink stop`.",
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -353,6 +362,9 @@ def build_parser() -> Parser:
 
     add_import_npz(sub)
     add_site_check(sub)
+    from fedrad.commands.local_superlink import add_parser as add_local_superlink
+
+    add_local_superlink(sub)
 
     demo = sub.add_parser("demo", help="synthesize 4 hospitals, federate, score on a holdout")
     demo.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")
@@ -368,7 +380,8 @@ def _parse(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         target = parser
-        for dest in ("command", "site_command"):  # down to the innermost subcommand given
+        # down to the innermost subcommand given
+        for dest in ("command", "site_command", "local_command"):
             name = getattr(args, dest, None)
             if isinstance(name, str) and name in target.subcommands:
                 target = target.subcommands[name]
