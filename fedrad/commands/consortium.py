@@ -31,11 +31,10 @@ Relative paths in it are relative to the site folder.
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedrad.core.config import NodeConfig
 from fedrad.core.errors import ConfigError

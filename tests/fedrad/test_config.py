@@ -1,7 +1,7 @@
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import models
 from fedrad.core.config import MODEL_NAMES, RUN_CONFIG_HELP, NodeConfig, RunConfig
