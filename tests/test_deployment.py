@@ -273,6 +273,14 @@ class Federation:
     nodes: dict[str, Launched]
     node_ids: dict[str, str]
     base: Path
+    launcher: Launcher
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+
+    def restart(self, site: str) -> Launched:
+        """Start ``site``'s SuperNode again, the way the hospital started it the first time."""
+        args, env = self.commands[site]
+        self.nodes[site] = self.launcher.start(f"{site}-again", args, env=env)
+        return self.nodes[site]
 
 
 @contextlib.contextmanager
@@ -287,7 +295,7 @@ def _federation(
     )
     launcher = Launcher(tmp_path / "logs")
     try:
-        nodes, node_ids = {}, {}
+        nodes, node_ids, commands = {}, {}, {}
         pairs = {
             site: create_node_key_pair(superlink.keys_dir, f"{site}-{tmp_path.name}")
             for site in sites
@@ -302,13 +310,13 @@ def _federation(
                 f"cache-dir='{node / 'cache'}' min-cell-count=1 identity-key='{keys.private}' "
                 f"roster='{roster}' ca-cert='{superlink.ca.cert}'"
             )
-            nodes[site] = launcher.start(
-                site,
+            commands[site] = (
                 supernode_command(
                     superlink, key=keys.private, port=free_port(), node_config=node_config
                 ),
-                env=_environment(node / "home", node / "flwr-home"),
+                _environment(node / "home", node / "flwr-home"),
             )
+            nodes[site] = launcher.start(site, commands[site][0], env=commands[site][1])
         wait_for(
             "all SuperNodes online",
             lambda: all(superlink.nodes().get(i) == "online" for i in node_ids.values()),
@@ -316,7 +324,7 @@ def _federation(
             every=2.0,
             logs=[superlink.process, *nodes.values()],
         )
-        yield Federation(superlink, nodes, node_ids, tmp_path)
+        yield Federation(superlink, nodes, node_ids, tmp_path, launcher, commands)
     finally:
         launcher.stop_all()
         # a stopped node may stay "online" to the SuperLink for a while: unregister it, so the
@@ -345,20 +353,29 @@ def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_deployment_survives_a_site_lost_in_round_2(federation: Federation, tmp_path: Path) -> None:
+def test_deployment_survives_a_site_lost_in_round_2_which_rejoins_later(
+    federation: Federation, tmp_path: Path
+) -> None:
     # Prepare
     run_dir = tmp_path / "run"
     killed, survivors = "site-3", ("site-1", "site-2")
+    config = RUN_CONFIG.replace("num-server-rounds=2", "num-server-rounds=4")
 
-    # Execute: flwr run ., and pull site-3's plug as soon as round 1 is checkpointed
-    # (the SuperLink declares the lost node unavailable after two missed heartbeats, 60 s)
-    flwr_run = _run_and_kill(federation, tmp_path, RUN_CONFIG, killed=killed)
+    # Execute: flwr run ., pull site-3's plug as soon as round 1 is checkpointed (the SuperLink
+    # declares the lost node unavailable after two missed heartbeats, 60 s), and start it
+    # again once round 2 is checkpointed
+    flwr_run = _run_and_kill(federation, tmp_path, config, killed=killed, restart_after=2)
 
     # Assert
     summary = json.loads((run_dir / "summary.json").read_text())
-    first, second = _rounds(run_dir)
+    first, second, *later = _rounds(run_dir)
     assert summary["status"] == "completed", summary
-    assert summary["rounds-completed"] == 2
+    assert summary["rounds-completed"] == 4
+    # the site came back with its ledger: it trained again in a later round
+    assert killed in later[-1]["train"]["sites"], [sorted(r["train"]["sites"]) for r in later]
+    assert (
+        later[-1]["train"]["sites"][killed]["epsilon"] > first["train"]["sites"][killed]["epsilon"]
+    )
     assert sorted(first["train"]["sites"]) == list(SITES)
     # round 2: the two survivors trained and were evaluated; the lost site is a failure
     assert sorted(second["train"]["sites"]) == list(survivors)
@@ -499,8 +516,17 @@ def test_certs_command_makes_a_working_chain_and_never_overwrites_keys(tmp_path:
     PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
 
 
-def _run_and_kill(federation: Federation, tmp_path: Path, config: str, killed: str) -> Launched:
-    """Start ``flwr run .``, kill one SuperNode once round 1 is checkpointed, wait for the end."""
+def _run_and_kill(
+    federation: Federation,
+    tmp_path: Path,
+    config: str,
+    killed: str,
+    restart_after: int | None = None,
+) -> Launched:
+    """Start ``flwr run .``, kill one SuperNode once round 1 is checkpointed, wait for the end.
+
+    With ``restart_after=N`` the killed node is started again once round N is checkpointed.
+    """
     run_dir = tmp_path / "run"
     launcher = Launcher(tmp_path / "logs")
     try:
@@ -528,6 +554,15 @@ def _run_and_kill(federation: Federation, tmp_path: Path, config: str, killed: s
         )
         assert (run_dir / "rounds" / "round-0001").is_dir(), flwr_run.output()[-6000:]
         federation.nodes[killed].kill()
+        if restart_after is not None:
+            checkpoint = run_dir / "rounds" / f"round-{restart_after:04d}"
+            wait_for(
+                f"round {restart_after}'s checkpoint",
+                lambda: checkpoint.is_dir() or flwr_run.proc.poll() is not None,
+                timeout=400,
+                logs=[flwr_run, federation.link.process],
+            )
+            federation.restart(killed)
         wait_for(
             "the run to end",
             lambda: (run_dir / "summary.json").is_file() or flwr_run.proc.poll() is not None,
