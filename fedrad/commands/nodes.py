@@ -153,8 +153,15 @@ def register_site_keys(consortium: Consortium) -> dict[str, str]:
     previous = _read_json(consortium.node_names)
     names: dict[str, str] = {}
     pending: dict[str, Path] = {}
-    for site, key in _site_keys(consortium).items():
-        node_id = _register(consortium, key)
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = _site_keys(consortium)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each flwr call takes seconds to start
+        answers = dict(
+            zip(keys, pool.map(lambda k: _register(consortium, k), keys.values()), strict=True)
+        )
+    for site, key in keys.items():
+        node_id = answers[site]
         if node_id is not None:
             names[node_id] = site
         else:
@@ -450,7 +457,17 @@ class _Cause:
 
 
 def _causes(site_dir: Path) -> list[_Cause]:
+    """Known causes of a failed start, in the order they are checked.
+
+    Port, expired certificate, CA, plaintext, unreachable, unknown key (the last: Flower's
+    generic exit code 305 also ends the others).
+    """
     return [
+        _Cause(
+            ("address already in use",),
+            "the SuperNode's own port (clientappio-port in site.toml [site]) is taken by "
+            "another process, e.g. a second site on this host: give each site its own port.",
+        ),
         _Cause(
             ("certificate has expired", "CERTIFICATE_EXPIRED", "certificate expired"),
             "the coordinator's TLS certificate has expired: ask the operator to issue a new "
@@ -496,6 +513,48 @@ def diagnose_supernode(output: str, site_dir: Path) -> str | None:
     return None
 
 
+def probe_coordinator(settings: SiteSettings, *, insecure: bool = False) -> str | None:
+    """Dial the coordinator as the SuperNode would; the cause and fix if that cannot work.
+
+    A TCP connection, then (unless ``insecure``) a TLS handshake against the site's
+    ``ca.pem`` and the host name of ``[site] superlink``. Without TLS, a coordinator that
+    answers a TLS handshake with the system's defaults is one that requires TLS.
+    """
+    import socket
+    import ssl
+
+    host, _, port_text = settings.superlink.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        return f"[site] superlink = {settings.superlink!r} is not HOST:PORT; fix site.toml."
+    try:
+        raw = socket.create_connection((host, port), timeout=5)
+    except OSError as exc:
+        return f"{exc}: " + _causes(settings.root_certificates.parent)[4].message
+    with raw:
+        context = ssl.create_default_context()
+        context.set_alpn_protocols(["h2"])
+        if insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context.load_verify_locations(cafile=str(settings.root_certificates))
+        try:
+            with context.wrap_socket(raw, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as exc:
+            return f"{exc.verify_message}: " + (
+                diagnose_supernode(str(exc), settings.root_certificates.parent) or str(exc)
+            )
+        except (ssl.SSLError, OSError):
+            return None  # the coordinator does not speak TLS: fine without it, else Flower says
+    if insecure:
+        return _causes(settings.root_certificates.parent)[3].message
+    return None
+
+
 def _site_settings(site_dir: Path, data_dir: Path | None) -> SiteSettings:
     settings = read_site_settings(site_dir, data_dir=data_dir)
     data = Path(str(settings.raw_node_config["data-dir"]))
@@ -524,14 +583,41 @@ def start_site(site_dir: Path, *, data_dir: Path | None = None, insecure: bool =
     )
 
 
-def _wait_for_site(node: Launched, site_dir: Path, offset: int, *, settle: float) -> int:
-    """Watch the SuperNode for ``settle`` seconds; 0 if it still runs, else print the cause."""
-    deadline = time.monotonic() + settle
+_CONNECTED = "SuperNode ID:"
+_RETRYING = "Connection attempt failed"
+
+
+def _watch_site(
+    node: Launched, settings: SiteSettings, site_dir: Path, offset: int, **kw: Any
+) -> int | None:
+    """Watch a starting SuperNode until it connects (None), exits or keeps failing (exit code).
+
+    ``settle`` (seconds, keyword) bounds the wait; when the node keeps retrying, the probe's
+    cause is printed and, if it is certain (TLS mismatch, wrong CA), the node is stopped.
+    """
+    deadline = time.monotonic() + float(kw.get("settle", 15.0))
     while time.monotonic() < deadline:
         if node.proc.poll() is not None:
             return _explain_exit(node, site_dir, offset)
+        output = node.output()[offset:]
+        if _CONNECTED in output:
+            return None
+        if output.count(_RETRYING) >= 2:
+            cause = probe_coordinator(settings, insecure=bool(kw.get("insecure")))
+            if cause:
+                reachable = "unreachable" not in cause
+                print(
+                    f"{'error' if reachable else 'warning'}: the SuperNode cannot connect: {cause}"
+                    + ("" if reachable else " It keeps retrying."),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if reachable:  # a TLS mismatch never heals: stop rather than retry forever
+                    node.stop()
+                    return 1
+            return None
         time.sleep(0.2)
-    return 0
+    return None
 
 
 def _explain_exit(node: Launched, site_dir: Path, offset: int) -> int:
@@ -584,13 +670,17 @@ def _cmd_site_start(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
     log_path = site_dir / "supernode.log"
     offset = log_path.stat().st_size if log_path.exists() else 0
+    settings = _site_settings(site_dir, data_dir)
     node = start_site(site_dir, data_dir=data_dir, insecure=args.insecure)
     print(f"site SuperNode started (pid {node.proc.pid}), log {node.log}", flush=True)
-    if args.detach:
-        code = _wait_for_site(node, site_dir, offset, settle=args.settle)
-        if code == 0:
-            (site_dir / "supernode.pid").write_text(f"{node.proc.pid}\n")
+    code = _watch_site(node, settings, site_dir, offset, settle=args.settle, insecure=args.insecure)
+    if code is not None:
         return code
+    connected = _CONNECTED in node.output()[offset:]
+    print("connected to the coordinator" if connected else "not yet connected", flush=True)
+    if args.detach:
+        (site_dir / "supernode.pid").write_text(f"{node.proc.pid}\n")
+        return 0
     return _until_signal(node, on_exit=lambda _code: _explain_exit(node, site_dir, offset))
 
 
