@@ -365,6 +365,10 @@ def build_parser() -> Parser:
     from fedrad.commands.local_superlink import add_parser as add_local_superlink
 
     add_local_superlink(sub)
+    from fedrad.commands import nodes, provision
+
+    provision.add_parser(sub)
+    nodes.add_parser(sub)
 
     demo = sub.add_parser("demo", help="synthesize 4 hospitals, federate, score on a holdout")
     demo.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")
@@ -381,7 +385,7 @@ def _parse(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         target = parser
         # down to the innermost subcommand given
-        for dest in ("command", "site_command", "local_command"):
+        for dest in ("command", "site_command", "local_command", "provision_command"):
             name = getattr(args, dest, None)
             if isinstance(name, str) and name in target.subcommands:
                 target = target.subcommands[name]

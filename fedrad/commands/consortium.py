@@ -238,8 +238,12 @@ _PATH_KEYS = (
 )
 
 
-def read_site_settings(folder: Path) -> SiteSettings:
-    """Read and check ``folder/site.toml``; relative paths are taken from ``folder``."""
+def read_site_settings(folder: Path, *, data_dir: Path | None = None) -> SiteSettings:
+    """Read and check ``folder/site.toml``; relative paths are taken from ``folder``.
+
+    ``data_dir``, when given, replaces ``[node-config] data-dir`` (``fedrad site start
+    --data-dir``).
+    """
     site = SiteFolder(folder)
     try:
         data = tomllib.loads(site.config.read_text())
@@ -252,6 +256,8 @@ def read_site_settings(folder: Path) -> SiteSettings:
         raise ConfigError(f"{site.config} is not valid TOML: {exc}.") from None
     head = data.get("site", {})
     raw = dict(data.get("node-config", {}))
+    if data_dir is not None:
+        raw["data-dir"] = str(data_dir)
     if not isinstance(head, dict) or not head.get("superlink"):
         raise ConfigError(
             f"{site.config}: [site] must name 'superlink' (the coordinator's HOST:PORT)."
