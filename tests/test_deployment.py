@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.x509.verification import PolicyBuilder, Store
 from safetensors.numpy import load_file
 
 from fedrad.commands.processes import Launched, alive, descendants, free_port, start
@@ -481,39 +479,6 @@ def test_local_launcher_starts_a_federation_and_stops_every_process(tmp_path: Pa
     assert code == 0, script.output()[-4000:]
     assert not [pid for pid in tree if alive(pid)], "the launcher left processes behind"
     assert "flwr run . fedrad-local" in script.output()
-
-
-def test_certs_command_makes_a_working_chain_and_never_overwrites_keys(tmp_path: Path) -> None:
-    # Prepare
-    certs = _deploy_script("certs")
-
-    # Execute
-    codes = [
-        certs.main(["ca", str(tmp_path / "ca")]),
-        certs.main(
-            [
-                "server",
-                str(tmp_path / "link"),
-                "--ca-dir",
-                str(tmp_path / "ca"),
-                "--host",
-                "localhost",
-                "--ip",
-                "127.0.0.1",
-            ]
-        ),
-        certs.main(["node-key", str(tmp_path / "keys"), "--name", "hospital-a"]),
-    ]
-    key_before = (tmp_path / "keys" / "hospital-a.key").read_bytes()
-    again = certs.main(["node-key", str(tmp_path / "keys"), "--name", "hospital-a"])
-
-    # Assert
-    assert codes == [0, 0, 0]
-    assert again == 2
-    assert (tmp_path / "keys" / "hospital-a.key").read_bytes() == key_before
-    store = Store([x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.pem").read_bytes())])
-    leaf = x509.load_pem_x509_certificate((tmp_path / "link" / "superlink.pem").read_bytes())
-    PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
 
 
 def _run_and_kill(
