@@ -87,7 +87,7 @@ class Federation:
             self.run_dir.save_initial(arrays)
             return 1, arrays
         source = RunDir(Path(self.config.resume_from).expanduser())
-        checkpoint = source.load_checkpoint()
+        checkpoint = source.resume_point()
         saved = ModelSpec.from_dict(checkpoint.model)
         if saved != self.spec:
             raise ValueError(

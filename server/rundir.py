@@ -136,16 +136,28 @@ class RunDir:
         return self.path / ROUNDS_DIR / f"round-{server_round:04d}"
 
     def write_run_record(self, config: RunConfig, *, sites: list[str], resumed_from: int) -> None:
-        """Record the resolved configuration, seed, versions and schema version."""
+        """Record the resolved configuration, seed, versions and schema version.
+
+        A run resumed into its own directory keeps its first start and the sites seen so far,
+        and lists every resume in ``resumes`` (when, after which round).
+        """
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        previous: dict[str, Any] = {}
+        if resumed_from and (self.path / RUN_FILE).is_file():
+            previous = dict(read_json(self.path / RUN_FILE))
+        resumes = list(previous.get("resumes", []))
+        if resumed_from:
+            resumes.append({"at": now, "after-round": resumed_from})
         record = {
             "schema-version": SCHEMA_VERSION,
             "config": config.to_user_config(),
             "seed": config.seed,
             "versions": package_versions(),
             "code": code_fingerprint(),
-            "sites": sites,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sites": sorted(set(sites) | set(previous.get("sites", []))),
+            "started": previous.get("started", now),
             "resumed-after-round": resumed_from,
+            "resumes": resumes,
         }
         write_json(self.path / RUN_FILE, record)
 
@@ -218,8 +230,11 @@ class RunDir:
                 f"fedrad reads {SCHEMA_VERSION}."
             )
         digest = sha256_file(folder / MODEL_FILE)
-        if digest != meta["sha256"]:
-            raise RunDirError(f"{folder / MODEL_FILE} does not match its recorded sha256.")
+        if digest != meta.get("sha256"):
+            raise RunDirError(
+                f"{folder / MODEL_FILE} does not match the sha256 recorded in "
+                f"{folder / MODEL_META}: the checkpoint is damaged."
+            )
         return Checkpoint(
             round=chosen,
             arrays=load_file(str(folder / MODEL_FILE)),
@@ -236,11 +251,74 @@ class RunDir:
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All round records written so far."""
+        """All round records written so far; a damaged line is a RunDirError naming it."""
         path = self.path / METRICS_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunDirError(
+                    f"{path} line {number} is not valid JSON ({exc}): the run directory is "
+                    "damaged. Restore it from a backup, or start the study afresh under a new "
+                    "study id (sites' privacy ledgers keep what was already spent)."
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+                raise RunDirError(
+                    f"{path} line {number} is not a round record (no integer 'round'): the run "
+                    "directory is damaged; restore it from a backup."
+                )
+            records.append(record)
+        return records
+
+    def resume_point(self) -> Checkpoint:
+        """The checkpoint a resumed run continues from, after checking the whole directory.
+
+        That is the last round both checkpointed and recorded as completed in metrics.jsonl (a
+        round checkpointed but not yet recorded when the coordinator died is trained again).
+        Its model must match the sha256 metrics.jsonl recorded for it, and the completed rounds
+        must run 1, 2, ... without a gap. Anything else is a RunDirError naming the file and
+        what to do: a damaged run is never silently started over.
+        """
+        damaged = (
+            "The run directory is damaged: restore it from a backup, or start the study afresh "
+            "under a new study id (sites' privacy ledgers keep what was already spent)."
+        )
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path} does not exist: there is no run to resume.")
+        read_json(self.path / RUN_FILE)
+        completed = {r["round"]: r for r in self.read_metrics() if r.get("status") == "completed"}
+        done = sorted(completed)
+        if done != list(range(1, len(done) + 1)):
+            raise RunDirError(
+                f"{self.path / METRICS_FILE} records completed rounds {done}, not 1..{len(done)}. "
+                + damaged
+            )
+        chosen = min(self.latest_round(), len(done))
+        if chosen == 0:
+            raise RunDirError(
+                f"{self.path} holds no completed, checkpointed round to resume from; start the "
+                "study again (no round was trained)."
+            )
+        try:
+            checkpoint = self.load_checkpoint(chosen)
+        except RunDirError as exc:
+            raise RunDirError(f"{exc} {damaged}") from None
+        except Exception as exc:  # a truncated or garbled safetensors file
+            raise RunDirError(
+                f"{self.round_dir(chosen)} cannot be read ({exc}). {damaged}"
+            ) from None
+        recorded = completed[chosen].get("model-sha256")
+        if recorded != checkpoint.model_sha256:
+            raise RunDirError(
+                f"{self.round_dir(chosen) / MODEL_FILE} has sha256 {checkpoint.model_sha256} but "
+                f"{self.path / METRICS_FILE} recorded {recorded} for round {chosen}. " + damaged
+            )
+        return checkpoint
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write the run's final (or latest) summary."""

@@ -124,6 +124,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, ConfigValue]:
     }
 
 
+add_run_config_options = _add_run_config_options
+"""The run-config options of a subcommand (public name for fedrad.commands modules)."""
+run_config_overrides = _overrides
+"""The run-config keys given on a command line (public name for fedrad.commands modules)."""
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fedrad.synth import SynthConfig, write_consortium
 
@@ -369,6 +375,11 @@ def build_parser() -> Parser:
 
     provision.add_parser(sub)
     nodes.add_parser(sub)
+    from fedrad.commands import status as status_command
+    from fedrad.commands import study as study_command
+
+    study_command.add_parser(sub)
+    status_command.add_parser(sub)
 
     demo = sub.add_parser("demo", help="synthesize 4 hospitals, federate, score on a holdout")
     demo.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")
@@ -385,7 +396,15 @@ def _parse(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         target = parser
         # down to the innermost subcommand given
-        for dest in ("command", "site_command", "local_command", "provision_command"):
+        dests = (
+            "command",
+            "site_command",
+            "local_command",
+            "provision_command",
+            "study_command",
+            "coordinator_command",
+        )
+        for dest in dests:
             name = getattr(args, dest, None)
             if isinstance(name, str) and name in target.subcommands:
                 target = target.subcommands[name]
