@@ -246,10 +246,13 @@ def connect(folder: WorkerFolder, *, idle_seconds: float = IDLE_SECONDS) -> sock
     )
 
 
-def forward(message: Message, context: Context) -> Message:
-    """Run ``message`` in the site's warm worker; copy the worker's ``context.state`` back."""
+def forward(message: Message, context: Context, *, idle_seconds: float = IDLE_SECONDS) -> Message:
+    """Run ``message`` in the site's warm worker; copy the worker's ``context.state`` back.
+
+    ``idle_seconds`` applies to a worker this call starts.
+    """
     folder = worker_folder(context.node_config)
-    with connect(folder) as sock:
+    with connect(folder, idle_seconds=idle_seconds) as sock:
         _send(sock, pickle.dumps((message, context), protocol=pickle.HIGHEST_PROTOCOL))
         reply, state = pickle.loads(_receive(sock))
     if not isinstance(reply, Message) or not isinstance(state, RecordDict):
