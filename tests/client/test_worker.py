@@ -41,7 +41,9 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def node_config(root: Path, **extra: object) -> dict[str, object]:
+def node_config(
+    root: Path, **extra: bool | float | int | str
+) -> dict[str, bool | float | int | str]:
     (root / "site-a").mkdir(exist_ok=True)
     return {
         "data-dir": str(root / "site-a"),
@@ -58,7 +60,7 @@ def request(study: str = "other-study") -> Message:
     return Message(content, dst_node_id=1, message_type="train")
 
 
-def context(config: dict[str, object]) -> Context:
+def context(config: dict[str, bool | float | int | str]) -> Context:
     state = RecordDict({"kept": ConfigRecord({"value": 7})})
     return Context(run_id=7, node_id=1, state=state, run_config={}, node_config=config)
 
@@ -131,7 +133,7 @@ def test_a_socket_folder_others_can_reach_is_refused(
 
     # Assert: refused, nothing started, and the reply names no path
     assert reply.has_error() and reply.error.code == ERROR_INTERNAL
-    assert str(short_dir) not in reply.error.reason
+    assert str(short_dir) not in str(reply.error.reason)
     assert list(root.iterdir()) == []
 
 
@@ -183,7 +185,11 @@ def test_an_idle_worker_exits(short_dir: Path, task_identity: None) -> None:
 
 def test_simulation_runs_the_handlers_in_process(tmp_path: Path, task_identity: None) -> None:
     # Prepare: a simulated node (no data-dir) and a deployed one with warm-worker=false
-    simulated = {"partition-id": 0, "num-partitions": 1, "allowed-studies": "approved-study"}
+    simulated: dict[str, bool | float | int | str] = {
+        "partition-id": 0,
+        "num-partitions": 1,
+        "allowed-studies": "approved-study",
+    }
     switched_off = node_config(tmp_path, **{"warm-worker": False})
 
     # Execute
