@@ -6,13 +6,16 @@ with Opacus DP-SGD (per-sample gradients, clipping, noise), and their ratio
 federation (``fedrad simulate``: train and evaluate, with SecAgg+ the evaluation sums go
 through it too) with and without secure aggregation at 5 and 10 sites (goal <= 1.25x), for
 the demo's workload and for a tiny one that shows the fixed cost of SecAgg+'s extra exchanges;
-then, with ``--deployment``, for information (no goal), the same on Flower's deployment engine:
-a TLS SuperLink with node authentication and real SuperNodes on loopback (``deploy/local.py``),
-the tiny workload, 5 sites unless told otherwise (each message starts a ClientApp process that
-imports torch, so this takes minutes).
+then, with ``--deployment``, the same on Flower's deployment engine: a TLS SuperLink with node
+authentication and real SuperNodes on loopback (``deploy/local.py``), the tiny workload and 5
+sites unless told otherwise (goal: SecAgg+ <= 1.25x the plain deployment round), and with
+``--compare-simulation`` the simulated plain round of the same workload and sites beside it
+(goal: deployment <= 1.5x simulation). Each site keeps a warm worker (``client.worker``), so
+only the first message of a site pays for importing torch.
 
     python bench/privacy_speed.py [--threads 2] [--steps 8] [--secagg] [--deployment] [--skip-steps]
     python bench/privacy_speed.py --only-deployment [--deployment-sites 5 10]
+    python bench/privacy_speed.py --only-deployment --deployment-workload demo --compare-simulation
 """
 
 from __future__ import annotations
@@ -198,34 +201,59 @@ def secagg_table(rounds: int, workloads: list[str]) -> Table:
     return table
 
 
-def deployment_table(site_counts: list[int], rounds: int) -> Table:
-    """Round time with and without SecAgg+ on the deployment engine, tiny workload: no goal."""
-    size, epochs, samples, model = WORKLOADS["tiny"]
+def _simulated_round(workload: str, sites: int, rounds: int) -> float:
+    """Median plain round time in simulation of ``workload`` at ``sites`` sites."""
+    size, _, samples, _ = WORKLOADS[workload]
+    with tempfile.TemporaryDirectory(prefix="fedrad-bench-sim-") as tmp:
+        sites_dir = Path(tmp) / "sites"
+        write_consortium(
+            sites_dir, SynthConfig(sites=sites, image_size=size, samples_per_site=samples)
+        )
+        return _round_seconds(
+            sites_dir, Path(tmp) / "run", secure=False, rounds=rounds, workload=workload
+        )
+
+
+def deployment_table(
+    site_counts: list[int], rounds: int, *, workload_name: str = "tiny", compare: bool = False
+) -> Table:
+    """Round time with and without SecAgg+ on the deployment engine.
+
+    With ``compare``, also the plain round in simulation of the same workload and sites, and
+    the goals of issue 11: deployment <= 1.5x simulation, SecAgg+ <= 1.25x plain deployment.
+    """
+    size, epochs, samples, model = WORKLOADS[workload_name]
     workload = Workload(model=model, image_size=size, local_epochs=epochs, samples_per_site=samples)
     table = Table(
         title=(
             f"round time on the deployment engine (TLS SuperLink, SuperNodes on loopback; "
-            f"tiny: {model} {size} px, {epochs} ep, {samples}/site), median of rounds "
-            f"2-{rounds}: for information, no goal"
+            f"{workload_name}: {model} {size} px, {epochs} ep, {samples}/site), median of "
+            f"rounds 2-{rounds}"
         )
     )
-    for column in ("sites", "plain s", "SecAgg+ s", "extra s", "SecAgg+ / plain", "note"):
+    columns = ["sites", "plain s", "SecAgg+ s", "extra s", "SecAgg+ / plain (goal 1.25x)"]
+    if compare:
+        columns += ["simulation plain s", "deployment / simulation (goal 1.5x)"]
+    for column in columns:
         table.add_column(column, justify="right")
     notes = []
     for sites in site_counts:
         result = measure_deployment(sites, workload, rounds=rounds)
-        table.add_row(
+        row = [
             str(sites),
             f"{result.plain:.2f}",
             f"{result.secure:.2f}",
             f"{result.secure - result.plain:+.2f}",
             f"{result.secure / result.plain:.2f}x",
-            "for information",
-        )
+        ]
+        if compare:
+            simulated = _simulated_round(workload_name, sites, rounds)
+            row += [f"{simulated:.2f}", f"{result.plain / simulated:.2f}x"]
+        table.add_row(*row)
         exchanges = ", ".join(f"{name} {s:.2f}" for name, s in result.exchanges.items())
         notes.append(
             f"{sites} sites: SecAgg+ exchanges (s, median): {exchanges}; "
-            f"both runs took {result.wall:.0f} s"
+            f"both deployment runs took {result.wall:.0f} s"
         )
     table.caption = "\n".join(notes)
     return table
@@ -259,23 +287,37 @@ def main() -> None:
         "--deployment-sites",
         nargs="+",
         type=int,
-        choices=(5, 10),
+        choices=(3, 5, 10),
         default=[5],
         help="SuperNodes for --deployment (default 5)",
+    )
+    parser.add_argument(
+        "--deployment-workload",
+        choices=sorted(WORKLOADS),
+        default="tiny",
+        help="workload of the deployment rounds (default tiny)",
+    )
+    parser.add_argument(
+        "--compare-simulation",
+        action="store_true",
+        help="also time the plain round in simulation of the deployment's workload and sites",
     )
     parser.add_argument("--deployment-rounds", type=int, default=3)
     args = parser.parse_args()
     if args.deployment_rounds < 2:
         parser.error("--deployment-rounds must be at least 2 (round 1 is not timed).")
     torch.set_num_threads(args.threads)
+    deployment = {"workload_name": args.deployment_workload, "compare": args.compare_simulation}
     if args.only_deployment:
-        CONSOLE.print(deployment_table(args.deployment_sites, args.deployment_rounds))
+        CONSOLE.print(deployment_table(args.deployment_sites, args.deployment_rounds, **deployment))
         return
     if args.skip_steps and (args.secagg or args.deployment):
         if args.secagg:
             CONSOLE.print(secagg_table(args.rounds, args.workloads))
         if args.deployment:
-            CONSOLE.print(deployment_table(args.deployment_sites, args.deployment_rounds))
+            CONSOLE.print(
+                deployment_table(args.deployment_sites, args.deployment_rounds, **deployment)
+            )
         return
     table = Table(title=f"one training step, batch 32, {args.threads} thread(s), CPU")
     for column in (
@@ -303,7 +345,7 @@ def main() -> None:
     if args.secagg:
         CONSOLE.print(secagg_table(args.rounds, args.workloads))
     if args.deployment:
-        CONSOLE.print(deployment_table(args.deployment_sites, args.deployment_rounds))
+        CONSOLE.print(deployment_table(args.deployment_sites, args.deployment_rounds, **deployment))
 
 
 if __name__ == "__main__":

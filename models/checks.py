@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "check_common_args",
@@ -150,6 +151,8 @@ def freeze_unused_parameters(model: nn.Module, input_shape: Sequence[int]) -> li
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
+    import torch  # here, not at the top: a name or option check needs no torch
+
     model(torch.zeros(*input_shape)).sum().backward()
     frozen = []
     for name, parameter in model.named_parameters():

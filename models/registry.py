@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-from torch import nn
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from models.checks import unknown_name_message
-from models.cnn import build_cnn
-from models.cnn_lstm import build_cnn_lstm
-from models.transformer import build_transformer
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["DP_GRAD_SAMPLE_MODES", "MODELS", "build_model", "check_model_name", "check_options"]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "cnn": build_cnn,
-    "cnn-lstm": build_cnn_lstm,
-    "transformer": build_transformer,
-}
+
+class _Builders(Mapping[str, "Callable[..., nn.Module]"]):
+    """Model name -> builder, each builder's module (MONAI, Opacus) imported on first lookup.
+
+    A name check (``name in MODELS``, the names themselves) imports nothing, so parsing a
+    config or a :class:`~models.ModelSpec` without options does not pay for MONAI.
+    """
+
+    def __init__(self, builders: Mapping[str, tuple[str, str]]) -> None:
+        self._where = dict(builders)
+
+    def __getitem__(self, name: str) -> Callable[..., nn.Module]:
+        module, function = self._where[name]
+        builder: Callable[..., nn.Module] = getattr(importlib.import_module(module), function)
+        return builder
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where  # Mapping's default would look the builder up
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+MODELS: Mapping[str, Callable[..., nn.Module]] = _Builders(
+    {
+        "cnn": ("models.cnn", "build_cnn"),
+        "cnn-lstm": ("models.cnn_lstm", "build_cnn_lstm"),
+        "transformer": ("models.transformer", "build_transformer"),
+    }
+)
 
 DP_GRAD_SAMPLE_MODES: dict[str, str] = {
     "cnn": "functorch",
@@ -60,6 +87,8 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
         Model-specific keyword arguments, for example ``{"widths": (16, 32, 64)}``.
     """
     check_model_name(name)
+    if not options:
+        return  # nothing to check: the builder's module stays unimported until a build
     accepted = set(inspect.signature(MODELS[name]).parameters) - _COMMON_ARGS
     for key in options:
         if key not in accepted:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from models.checks import check_common_args
 from models.registry import build_model, check_options
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["ModelSpec"]
 

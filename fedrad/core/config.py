@@ -291,7 +291,9 @@ class NodeConfig:
     site's signing key and the consortium's roster of sites, for authenticated secure
     aggregation), ``ca-cert`` (the consortium CA's certificate, which must have signed the
     roster; required when ``data-dir`` is set) and ``log-file`` (the site's local log of
-    refused requests, with the details that never leave the site).
+    refused requests, with the details that never leave the site). ``warm-worker`` (deployment
+    only) keeps torch, the dataset and the models loaded between messages in one per-site
+    process (``client.worker``); false runs each message in Flower's fresh ClientApp process.
     """
 
     data_dir: str = ""
@@ -311,6 +313,7 @@ class NodeConfig:
     roster: str = ""
     ca_cert: str = ""
     log_file: str = ""
+    warm_worker: bool = True
     partition_id: int = -1
     num_partitions: int = 0
 
