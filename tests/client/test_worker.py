@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.app import app
 from client.worker import WorkerError, WorkerFolder, forward, worker_folder, workers_root
 from fedrad.core import keys
-from fedrad.core.errors import ERROR_INTERNAL, ERROR_STUDY_NOT_ALLOWED
+from fedrad.core.errors import ERROR_DATA, ERROR_INTERNAL, ERROR_STUDY_NOT_ALLOWED
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -195,6 +195,7 @@ def test_simulation_runs_the_handlers_in_process(tmp_path: Path, task_identity: 
     # Execute
     replies = [app(request(), context(c)) for c in (simulated, switched_off)]
 
-    # Assert: refused by the handlers here; no worker folder made
-    assert [r.error.code for r in replies] == [ERROR_STUDY_NOT_ALLOWED] * 2
+    # Assert: answered by the handlers in this process (the simulated site has no sites-dir,
+    # the deployed one refuses the study); no worker folder made
+    assert [r.error.code for r in replies] == [ERROR_DATA, ERROR_STUDY_NOT_ALLOWED]
     assert not workers_root(switched_off).exists()
