@@ -38,7 +38,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,12 +142,30 @@ def worker_folder(node_config: Mapping[str, Any]) -> WorkerFolder:
     _private_folder(root)
     folder = WorkerFolder(root / worker_key(node_config))
     _private_folder(folder.path)
-    if len(os.fsencode(folder.socket)) > _MAX_SOCKET_PATH:
+    return folder
+
+
+@contextlib.contextmanager
+def _socket_address(path: Path) -> Iterator[str]:
+    """An address for the Unix socket ``path`` that fits ``sun_path`` however long ``path`` is.
+
+    A short path is used as it is. A long one (a deep ``cache-dir``) is reached through its
+    folder, opened once: ``/proc/self/fd/N/worker.sock`` names the same file in a few bytes,
+    and the folder's own permissions still decide who may connect.
+    """
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    if not Path("/proc/self/fd").is_dir():
         raise WorkerError(
-            f"the worker socket {folder.socket} is longer than a Unix socket path may be "
+            f"the worker socket {path} is longer than a Unix socket path may be "
             f"({_MAX_SOCKET_PATH} bytes): give the site a shorter 'cache-dir'."
         )
-    return folder
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def _send(sock: socket.socket, payload: bytes) -> None:
@@ -217,7 +235,8 @@ def _connect(folder: WorkerFolder, *, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(folder.socket))
+        with _socket_address(folder.socket) as address:
+            sock.connect(address)
     except OSError:
         sock.close()
         raise
@@ -293,7 +312,8 @@ def serve(folder: WorkerFolder, *, parent_pid: int, idle_seconds: float) -> None
     with contextlib.suppress(FileNotFoundError):
         folder.socket.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(folder.socket))
+    with _socket_address(folder.socket) as address:
+        server.bind(address)
     os.chmod(folder.socket, 0o600)
     server.listen(8)
     folder.pid_file.write_text(str(os.getpid()))

@@ -199,3 +199,30 @@ def test_simulation_runs_the_handlers_in_process(tmp_path: Path, task_identity: 
     # the deployed one refuses the study); no worker folder made
     assert [r.error.code for r in replies] == [ERROR_DATA, ERROR_STUDY_NOT_ALLOWED]
     assert not workers_root(switched_off).exists()
+
+
+def test_a_socket_in_a_deep_cache_dir_is_reached_through_its_folder(tmp_path: Path) -> None:
+    import socket
+
+    from client.worker import _socket_address
+
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 6)
+    deep.mkdir(parents=True)
+    path = deep / "worker.sock"
+    assert len(str(path)) > 108  # longer than sun_path
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _socket_address(path) as address:
+            server.bind(address)
+        server.listen(1)
+        with _socket_address(path) as address:
+            client.connect(address)
+        conn, _ = server.accept()
+        client.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        conn.close()
+    finally:
+        client.close()
+        server.close()
+    assert path.exists()  # the socket file is in the deep folder itself
