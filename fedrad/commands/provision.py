@@ -505,7 +505,7 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "provision",
         help="create a consortium's CA, certificates, keys and site folders; add or rotate sites",
-        description=__doc__.split("\n\n")[1],
+        description=__doc__.split("\n\n")[1].replace("``", "`").replace(":mod:", ""),
     )
     commands = parser.add_subparsers(
         dest="provision_command",
