@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_to_proto
 
 import client.app as client_app
+import client.handlers as client_handlers
 import client.secagg as client_secagg
 from fedrad.core import keys
 from fedrad.core.config import RunConfig
@@ -195,7 +196,7 @@ def foreign_canary(monkeypatch) -> str:
     def explode(*args, **kwargs):
         raise RuntimeError(f"{canary} /hospital/pacs/{CANARY_FILE}")
 
-    monkeypatch.setattr(client_app, "site_dataset", explode)
+    monkeypatch.setattr(client_handlers, "site_dataset", explode)  # where the handlers look it up
     return canary
 
 
