@@ -26,6 +26,8 @@ from types import FrameType, ModuleType
 from typing import Any
 from unittest import mock
 
+from _memory import PeakMemory  # bench/ is the scripts' folder
+
 from fedrad.core.sites import list_site_dirs
 from fedrad.synth import SynthConfig, write_consortium
 
@@ -56,13 +58,18 @@ class Workload:
 
 @dataclass(frozen=True)
 class DeploymentTimes:
-    """Median seconds of rounds 2..N without and with SecAgg+, and SecAgg+'s exchanges."""
+    """Median seconds of rounds 2..N without and with SecAgg+, and SecAgg+'s exchanges.
+
+    ``secure`` is None and ``exchanges`` empty when only plain rounds were run; ``peak_bytes``
+    is the highest PSS of all the processes of the consortium together (:mod:`_memory`).
+    """
 
     sites: int
     plain: float
-    secure: float
+    secure: float | None
     exchanges: dict[str, float]
     wall: float
+    peak_bytes: int = 0
 
 
 @contextlib.contextmanager
@@ -150,13 +157,30 @@ def _median_exchanges(rounds: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def measure_deployment(
-    sites: int, workload: Workload, *, rounds: int, timeout: float = 1800.0
+    sites: int,
+    workload: Workload,
+    *,
+    rounds: int,
+    timeout: float = 1800.0,
+    secure_modes: tuple[bool, ...] = (False, True),
+    warm_worker: bool = True,
+    track_memory: bool = False,
 ) -> DeploymentTimes:
-    """Round time without and with SecAgg+ on one consortium of ``sites`` SuperNodes."""
+    """Round time without and with SecAgg+ on one consortium of ``sites`` SuperNodes.
+
+    ``secure_modes`` picks the runs: ``(False,)`` for plain rounds only; ``warm_worker=False``
+    runs each message in a fresh ClientApp process (the "before" of BENCHMARKS.md);
+    ``track_memory`` samples the processes' memory once a second (``peak_bytes``; the sampling
+    itself takes CPU, so round times are measured without it unless memory is asked for).
+    """
     local = _load_launcher()
     started = time.monotonic()
     children: list[Any] = []
-    with tempfile.TemporaryDirectory(prefix="fedrad-bench-deploy-") as tmp, _sigterm_as_interrupt():
+    with (
+        tempfile.TemporaryDirectory(prefix="fedrad-bench-deploy-") as tmp,
+        _sigterm_as_interrupt(),
+        PeakMemory(interval=1.0) if track_memory else contextlib.nullcontext() as peak,
+    ):
         work = Path(tmp)
         sites_dir = work / "sites"
         write_consortium(
@@ -176,6 +200,7 @@ def measure_deployment(
                     children,
                     port=local.free_port(),
                     min_cell_count=1,
+                    warm_worker=warm_worker,
                 )
             env = {
                 **os.environ,
@@ -193,7 +218,7 @@ def measure_deployment(
                     _run_config(workload, sites_dir, rounds=rounds, secure=secure),
                     timeout=timeout,
                 )
-                for secure in (False, True)
+                for secure in secure_modes
             }
         finally:
             for child in reversed(children):
@@ -202,7 +227,8 @@ def measure_deployment(
     return DeploymentTimes(
         sites=sites,
         plain=statistics.median(r["seconds"] for r in later[False]),
-        secure=statistics.median(r["seconds"] for r in later[True]),
-        exchanges=_median_exchanges(later[True]),
+        secure=statistics.median(r["seconds"] for r in later[True]) if True in later else None,
+        exchanges=_median_exchanges(later[True]) if True in later else {},
         wall=time.monotonic() - started,
+        peak_bytes=peak.bytes if isinstance(peak, PeakMemory) else 0,
     )

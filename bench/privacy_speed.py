@@ -215,7 +215,12 @@ def _simulated_round(workload: str, sites: int, rounds: int) -> float:
 
 
 def deployment_table(
-    site_counts: list[int], rounds: int, *, workload_name: str = "tiny", compare: bool = False
+    site_counts: list[int],
+    rounds: int,
+    *,
+    workload_name: str = "tiny",
+    compare: bool = False,
+    warm_worker: bool = True,
 ) -> Table:
     """Round time with and without SecAgg+ on the deployment engine.
 
@@ -228,7 +233,7 @@ def deployment_table(
         title=(
             f"round time on the deployment engine (TLS SuperLink, SuperNodes on loopback; "
             f"{workload_name}: {model} {size} px, {epochs} ep, {samples}/site), median of "
-            f"rounds 2-{rounds}"
+            f"rounds 2-{rounds}; warm worker {'on' if warm_worker else 'off'}"
         )
     )
     columns = ["sites", "plain s", "SecAgg+ s", "extra s", "SecAgg+ / plain (goal 1.25x)"]
@@ -238,13 +243,15 @@ def deployment_table(
         table.add_column(column, justify="right")
     notes = []
     for sites in site_counts:
-        result = measure_deployment(sites, workload, rounds=rounds)
+        result = measure_deployment(sites, workload, rounds=rounds, warm_worker=warm_worker)
+        secure = result.secure
+        assert secure is not None  # both modes were run
         row = [
             str(sites),
             f"{result.plain:.2f}",
-            f"{result.secure:.2f}",
-            f"{result.secure - result.plain:+.2f}",
-            f"{result.secure / result.plain:.2f}x",
+            f"{secure:.2f}",
+            f"{secure - result.plain:+.2f}",
+            f"{secure / result.plain:.2f}x",
         ]
         if compare:
             simulated = _simulated_round(workload_name, sites, rounds)
@@ -303,11 +310,20 @@ def main() -> None:
         help="also time the plain round in simulation of the deployment's workload and sites",
     )
     parser.add_argument("--deployment-rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-warm-worker",
+        action="store_true",
+        help="deployment: a fresh ClientApp process per message (node config warm-worker=false)",
+    )
     args = parser.parse_args()
     if args.deployment_rounds < 2:
         parser.error("--deployment-rounds must be at least 2 (round 1 is not timed).")
     torch.set_num_threads(args.threads)
-    deployment = {"workload_name": args.deployment_workload, "compare": args.compare_simulation}
+    deployment = {
+        "workload_name": args.deployment_workload,
+        "compare": args.compare_simulation,
+        "warm_worker": not args.no_warm_worker,
+    }
     if args.only_deployment:
         CONSOLE.print(deployment_table(args.deployment_sites, args.deployment_rounds, **deployment))
         return

@@ -148,13 +148,24 @@ def launch(
     *,
     port: int,
     min_cell_count: int,
+    warm_worker: bool = True,
+    num_threads: int | None = None,
 ) -> None:
     """Start the SuperLink and one SuperNode per site folder; return once all are online.
+
+    The sites share this machine's CPUs: each site's torch gets ``num_threads`` threads (by
+    default the CPUs divided among the sites, at least one), as a simulated site gets its
+    ``--client-cpus``; on its own machine a site uses its node config's ``num-threads``.
+
+    ``warm_worker=False`` sets the sites' node config ``warm-worker=false`` (a fresh ClientApp
+    process does each message's work, as before the warm worker; ``bench/`` compares the two).
 
     Every process started is appended to ``children`` at once, so a caller can stop them all
     even when a later step fails.
     """
     sites = [d.name for d in site_dirs]
+    if num_threads is None:
+        num_threads = max(1, (os.cpu_count() or 1) // max(1, len(sites)))
     ca, server = make_credentials(workdir / "certs", sites)
     logs = workdir / "logs"
     flwr_home = workdir / "flwr-home"
@@ -191,6 +202,7 @@ def launch(
             f"cache-dir='{disk / 'cache'}' min-cell-count={min_cell_count} "
             f"identity-key='{workdir / 'certs' / f'{site}.key'}' "
             f"roster='{workdir / 'certs' / 'roster.json'}' ca-cert='{ca.cert}'"
+            f" warm-worker={'true' if warm_worker else 'false'} num-threads={num_threads}"
         )
         children.append(
             start(

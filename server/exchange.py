@@ -4,7 +4,9 @@
 every 3 s on the deployment engine. A secure-aggregation round makes four exchanges, three of
 them light (keys, shares, unmasking), so that wait dominated a round. This does the same
 through the Grid's public ``push_messages``/``pull_messages``, with a poll interval that starts
-at a few milliseconds and backs off to :data:`MAX_POLL_S` while replies take longer.
+at a few milliseconds and backs off to :data:`MAX_POLL_S` while replies take longer (on the
+deployment engine to :data:`DEPLOYED_MAX_POLL_S`: each pull is an HTTP request that the SuperLink
+serves with the CPU the sites train on, and no reply comes sooner than a SuperNode's next poll).
 
 :func:`collect_replies` then splits the replies of one exchange into per-site results and
 failures, each failure filed under the node it was sent to.
@@ -21,11 +23,13 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation engine's grid
 
 from fedrad.core import keys
 from fedrad.core.errors import FedradError, error_text
 
 __all__ = [
+    "DEPLOYED_MAX_POLL_S",
     "FIRST_POLL_S",
     "MAX_POLL_S",
     "SiteReplies",
@@ -38,7 +42,12 @@ __all__ = [
 
 FIRST_POLL_S = 0.005
 MAX_POLL_S = 0.1
+DEPLOYED_MAX_POLL_S = 0.5
 _BACKOFF = 1.5
+
+
+def _max_poll(grid: Grid) -> float:
+    return MAX_POLL_S if isinstance(grid, InMemoryGrid) else DEPLOYED_MAX_POLL_S
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
@@ -54,7 +63,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
     pending = set(pushed)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    interval = FIRST_POLL_S
+    interval, max_poll = FIRST_POLL_S, _max_poll(grid)
     while pending:
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
@@ -63,7 +72,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
         if not pending or remaining <= 0:
             break
         time.sleep(min(interval, remaining))
-        interval = min(interval * _BACKOFF, MAX_POLL_S)
+        interval = min(interval * _BACKOFF, max_poll)
     return sorted(replies, key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
 
 

@@ -71,6 +71,7 @@ def test_compose_commands_run_a_study_on_loopback_with_tls(tmp_path: Path) -> No
         for site_toml in (volumes["/consortium"] / "sites").glob("*/site.toml"):
             text = site_toml.read_text()
             text = re.sub(r"clientappio-port = \d+", f"clientappio-port = {free_port()}", text)
+            text = re.sub(r"num-threads = \d+", "num-threads = 1", text)  # two sites, one host
             site_toml.write_text(text)
 
         # long-running services, in compose's dependency order

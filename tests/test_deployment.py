@@ -306,8 +306,8 @@ def _federation(
             node_config = (
                 f"data-dir='{sites_dir / site}' site-id='{site}' ledger-dir='{node / 'ledger'}' "
                 f"cache-dir='{node / 'cache'}' min-cell-count=1 identity-key='{keys.private}' "
-                f"roster='{roster}' ca-cert='{superlink.ca.cert}'"
-            )
+                f"roster='{roster}' ca-cert='{superlink.ca.cert}' num-threads=1"
+            )  # one torch thread each: the sites share the test machine's CPUs
             commands[site] = (
                 supernode_command(
                     superlink, key=keys.private, port=free_port(), node_config=node_config

@@ -126,7 +126,8 @@ class LoopbackConsortium:
         node_config = (
             f"data-dir='{self.sites_data / site}' site-id='{site}' "
             f"ledger-dir='{disk / 'ledger'}' cache-dir='{disk / 'cache'}' min-cell-count=1 "
-            f"identity-key='{folder.key}' roster='{folder.roster}' ca-cert='{folder.ca_cert}'"
+            f"identity-key='{folder.key}' roster='{folder.roster}' ca-cert='{folder.ca_cert}' "
+            "num-threads=1"  # the sites share the test machine's CPUs
         )
         self.nodes[site] = start(
             site,

@@ -56,9 +56,11 @@ DEFAULT_PORT = 9092
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 """Environment of every Flower process fedrad starts: no usage events sent out of the network,
-no dependency installation at run time."""
+no dependency installation at run time, and a SuperExec that looks for the next message's task
+every 0.2 s instead of every 1 s (a local call; each exchange waited up to 1 s for it)."""
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,7 @@ cache-dir = "cache"                 # decoded samples; safe to delete
 min-cell-count = 10                 # smallest subgroup count that may leave the site
 max-epsilon = 10.0                  # privacy budget per study
 max-total-epsilon = 30.0            # privacy budget over all studies together
+num-threads = 0                     # torch threads; 0: all CPUs (divide them on a shared host)
 """
 
 

@@ -32,7 +32,7 @@ from fedrad.synth import (
     write_consortium,
 )
 from fedrad.synth import dicom as synth_dicom
-from fedrad.synth.config import MAX_HOLDOUT
+from fedrad.synth.config import MAX_HOLDOUT, MAX_SITES
 from fedrad.synth.identity import IDENTITY_FOLDER
 from fedrad.synth.shapes import blur
 from fedrad.synth.sites import draw_site_profiles
@@ -549,7 +549,7 @@ def test_writer_matches_dcmwrite_byte_for_byte(tmp_path: Path, kind: str) -> Non
     ("field", "value"),
     [
         ("sites", 0),
-        ("sites", 65),
+        ("sites", MAX_SITES + 1),
         ("sites", 2.0),
         ("sites", True),
         ("seed", -1),
