@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from fedrad.commands.processes import descendants
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -27,25 +29,8 @@ def _set_subreaper(on: bool) -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
 def _tree(root: int) -> list[int]:
-    children, found, todo = _children_map(), [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+    return [root, *descendants(root)]
 
 
 def _pss_bytes(pid: int) -> int:

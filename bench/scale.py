@@ -167,8 +167,17 @@ def main() -> None:
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 is not timed).")
     rows = [simulate(n, args.rounds) for n in args.sites]
-    rows += [deploy(n, args.rounds) for n in args.deployment_sites if n > 0]
+    failed = []
+    for n in (n for n in args.deployment_sites if n > 0):
+        try:
+            rows.append(deploy(n, args.rounds))
+        except RuntimeError as exc:  # the simulated rows still print; the failure is shown
+            failed.append(f"deployment with {n} site nodes failed: {str(exc)[-1500:]}")
     CONSOLE.print(table(rows, args.rounds))
+    for line in failed:
+        CONSOLE.print(line, markup=False)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

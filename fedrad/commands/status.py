@@ -27,13 +27,13 @@ from fedrad.commands.consortium import CONNECTION, Consortium
 from fedrad.commands.study import (
     effective_status,
     list_studies,
+    read_rounds,
     read_study,
     resume_command,
     round_line,
 )
 from fedrad.core.config import RunConfig
 from fedrad.core.errors import FedradError
-from server.rundir import METRICS_FILE
 
 __all__ = ["add_parser", "consortium_status", "site_epsilons"]
 
@@ -93,18 +93,6 @@ def site_epsilons(rounds: list[dict[str, Any]]) -> dict[str, float]:
     return spent
 
 
-def _rounds(folder: Path) -> list[dict[str, Any]]:
-    path = folder / METRICS_FILE
-    rounds = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rounds.append(json.loads(line))
-            except ValueError:
-                continue
-    return rounds
-
-
 def consortium_status(consortium: Consortium) -> dict[str, Any]:
     """The sites and studies of ``consortium`` as one JSON-ready mapping."""
     consortium.read_manifest()
@@ -137,7 +125,7 @@ def consortium_status(consortium: Consortium) -> dict[str, Any]:
             entry.update({"status": "damaged", "error": str(exc)})
             studies.append(entry)
             continue
-        rounds = _rounds(study.folder)
+        rounds = read_rounds(study.folder)
         completed = [r for r in rounds if r.get("status") == "completed"]
         config = record.get("config", {})
         total = int(config.get("num-server-rounds", RunConfig().num_server_rounds))

@@ -43,6 +43,7 @@ __all__ = [
     "app_dir",
     "interrupted_studies",
     "list_studies",
+    "read_rounds",
     "read_study",
     "resume_command",
     "start_study",
@@ -362,7 +363,7 @@ def stop_study(consortium: Consortium, study_id: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- following a study
 
 
-def _read_rounds(folder: Path) -> list[dict[str, Any]]:
+def read_rounds(folder: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's complete lines (a line being written is skipped)."""
     path = folder / METRICS_FILE
     if not path.is_file():
@@ -410,7 +411,7 @@ def follow_study(study: Study, *, poll: float = 1.0) -> dict[str, Any]:
         grid = Table(title=f"study {study.study_id} (run {record['run-id']})", expand=False)
         grid.add_column("round")
         grid.add_column("progress")
-        for r in _read_rounds(study.folder):
+        for r in read_rounds(study.folder):
             grid.add_row(f"{r.get('round')}/{total}", round_line(r, total))
         return grid
 
@@ -426,12 +427,12 @@ def print_outcome(study: Study, record: dict[str, Any]) -> None:
     """The study's end in words; a model path only when a round was trained."""
     folder = study.folder
     summary = _summary_of_this_run(study, record) if record.get("runs") else None
-    rounds = [r for r in _read_rounds(folder) if r.get("status") == "completed"]
+    rounds = [r for r in read_rounds(folder) if r.get("status") == "completed"]
     model = folder / "model.safetensors"
     if not rounds or not model.is_file():
         out.print(f"study {study.study_id} {record['status']}: no model was trained.")
         failures: dict[str, str] = {}
-        for r in _read_rounds(folder):
+        for r in read_rounds(folder):
             failures.update(r.get("train", {}).get("failures", {}))
         reason = (summary or {}).get("reason") or record.get("reason") or "no round was run"
         out.print(f"why: {reason}")

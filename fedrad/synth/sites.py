@@ -100,7 +100,10 @@ def draw_site_profiles(config: SynthConfig) -> tuple[SiteProfile, ...]:
     profiles = []
     for i in range(n):
         manufacturer, model, modality = scanners[scanner_order[i % len(scanners)]]
-        town, kind = divmod(int(hospital_order[i]), len(HOSPITAL_KINDS))
+        # past the named combinations (64) the names repeat with a number: "... Hospital 2"
+        combos = len(hospital_order)
+        town, kind = divmod(int(hospital_order[i % combos]), len(HOSPITAL_KINDS))
+        campus = f" {i // combos + 1}" if i >= combos else ""
         n_samples = max(MIN_SAMPLES, round(config.samples_per_site * size_factor[i]))
         n_positive = min(max(round(prevalence[i] * n_samples), 2), n_samples - 2)
         size = 2 * round(config.image_size * resolution[i] / 2)
@@ -113,7 +116,7 @@ def draw_site_profiles(config: SynthConfig) -> tuple[SiteProfile, ...]:
                 manufacturer=manufacturer,
                 model=model,
                 modality=modality,
-                institution=f"{TOWNS[town]} {HOSPITAL_KINDS[kind]}",
+                institution=f"{TOWNS[town]} {HOSPITAL_KINDS[kind]}{campus}",
                 size=size,
                 pixel_spacing=round(field_of_view / size, 4),
                 slice_thickness=float(rng.choice(CT_SLICE_THICKNESSES)),

@@ -653,3 +653,15 @@ def test_writes_into_an_empty_existing_directory(tmp_path: Path) -> None:
     assert summary.holdout_folder is None
     assert summary.holdout_samples == 0
     assert sorted(p.name for p in out.iterdir()) == [IDENTITY_FOLDER, "site-1", "site-2"]
+
+
+def test_a_hundred_sites_get_distinct_institutions_and_the_first_64_keep_theirs() -> None:
+    # Execute: past the 64 named town x kind combinations (bench/scale.py federates 100)
+    many = draw_site_profiles(SynthConfig(sites=100, samples_per_site=20))
+    few = draw_site_profiles(SynthConfig(sites=64, samples_per_site=20))
+
+    # Assert
+    names = [site.institution for site in many]
+    assert len(set(names)) == 100
+    assert names[64].endswith(" 2") and names[64][: -len(" 2")] in names[:64]
+    assert [site.institution for site in few] == names[:64]
