@@ -18,28 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-SEXES = ("M", "F", "unknown")
-AGE_BANDS = tuple(f"{d}-{d + 9}" for d in range(0, 90, 10)) + ("90+", "unknown")
-VENDORS = (
-    "agfa",
-    "canon",
-    "carestream",
-    "fujifilm",
-    "ge",
-    "hologic",
-    "konica",
-    "philips",
-    "samsung",
-    "siemens",
-    "other",
-)
-MODALITIES = ("CR", "DX", "MG", "US", "CT", "MR", "PT", "NM", "XA", "OT", "other")
-VOCABULARY: dict[str, tuple[str, ...]] = {
-    "sex": SEXES,
-    "age-band": AGE_BANDS,
-    "manufacturer": VENDORS,
-    "modality": MODALITIES,
-}
+from fedrad.core.fairness import AGE_BANDS, MODALITIES, SEXES, VENDORS, VOCABULARY
+
 _VENDOR_ALIASES = {"toshiba": "canon", "fuji": "fujifilm", "general electric": "ge", "gems": "ge"}
 
 

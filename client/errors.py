@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from client.sent_log import SentLogError
 from fedrad.core.errors import (
     ERROR_BUDGET,
     ERROR_DATA,
@@ -51,6 +52,7 @@ _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (InputError, ERROR_INPUT_RANGE),
     (SecAggError, ERROR_SECAGG),
     (DataError, ERROR_DATA),
+    (SentLogError, ERROR_INTERNAL),  # the site's own disk: nothing the request can change
     (ConfigError, ERROR_REQUEST),
     (FedradError, ERROR_REQUEST),
 )

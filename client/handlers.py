@@ -16,21 +16,22 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.app.typing import ConfigRecordValues
 from flwr.clientapp import ClientApp
 
 from client.dataset import SiteDataset
-from client.disclosure import subgroup_counts
 from client.dp_train import DPTrainSums, train_local_dp
 from client.errors import log_refusal
+from client.fairness import site_vector, suppress, suppressed_labels
 from client.reply import check_reply
 from client.secagg import SecureInput
 from client.secagg import register as register_secagg
+from client.sent_reply import record_refusal, record_reply
 from client.site import Site, resolve_site, site_dataset
-from client.train import EvalSums, TrainSettings, TrainSums, evaluate_local, train_local
+from client.train import EvalSums, TrainSettings, TrainSums, eval_sums, predict, train_local
 from fedrad.core import evalsums, keys
 from fedrad.core.config import NodeConfig, RunConfig
 from fedrad.core.errors import ERROR_DATA, FedradError
+from fedrad.core.fairness import VARIANCE_SCALE, FairnessLayout
 from models import DP_GRAD_SAMPLE_MODES, ModelSpec
 from privacy import (
     ClientDPPlan,
@@ -101,21 +102,27 @@ def _guarded(handler: Handler) -> Callable[[Message, Context], Message]:
     The site's allow-list (``allowed-studies``) is checked before anything else. The reply
     carries only :func:`client.errors.refusal`'s code and sentence; the exception's text
     (paths, file names, labels) goes to the site's own log. ``Exception``, not
-    ``BaseException``: an interrupt still stops the node.
+    ``BaseException``: an interrupt still stops the node. Every reply, error replies too, is
+    written to the site's sent log before it leaves (:mod:`client.sent_reply`); a reply
+    whose line cannot be written is refused.
     """
 
     def wrapper(msg: Message, context: Context) -> Message:
+        site: Site | None = None
         try:
             site = _site(context)
             _check_study(msg, site)
             content = handler(msg, context, site)
             check_reply(content, min_cell_count=site.min_cell_count)
+            reply = Message(content, reply_to=msg)
+            record_reply(reply, request=msg, context=context, site=site)
         except Exception as exc:  # the edge: nothing the site did not choose may leave
             code, sentence = log_refusal(
                 exc, message_type=msg.metadata.message_type, node_config=context.node_config
             )
-            return Message(Error(code=code, reason=sentence), reply_to=msg)
-        return Message(content, reply_to=msg)
+            refused = Message(Error(code=code, reason=sentence), reply_to=msg)
+            return record_refusal(refused, request=msg, context=context, site=site)
+        return reply
 
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
@@ -321,11 +328,12 @@ def _train_dp(
     )
 
 
-def _evaluate_val(msg: Message, site: Site) -> tuple[RunConfig, SiteDataset, EvalSums]:
+def _evaluate_val(msg: Message, site: Site) -> tuple[RunConfig, SiteDataset, EvalSums, np.ndarray]:
     """Evaluate the message's model on this site's validation split, whatever it asks.
 
     The split is the site's decision: a request naming another split (its training data,
     where the model's loss would reveal membership) is answered on ``val`` all the same.
+    Returns the sums and the site's fairness vector of the run's layout (not yet suppressed).
     """
     config, model = _request(msg, site)
     asked = msg.content.config_records[keys.CONFIG].get(keys.SPLIT, "val")
@@ -334,7 +342,11 @@ def _evaluate_val(msg: Message, site: Site) -> tuple[RunConfig, SiteDataset, Eva
     dataset = site_dataset(site, config).subset("val")
     if len(dataset) == 0:
         raise FedradError(f"site {site.site_id} has no samples in its validation split.")
-    return config, dataset, evaluate_local(model, dataset)
+    scores, labels = predict(model, dataset)
+    fairness = site_vector(
+        config.fairness_layout, scores, labels, [s.attributes for s in dataset.samples]
+    )
+    return config, dataset, eval_sums(scores, labels), fairness
 
 
 def _released_sums(
@@ -342,11 +354,14 @@ def _released_sums(
 ) -> tuple[RunConfig, SiteDataset, dict[str, int | float | list[int] | list[float]]]:
     """The evaluation sums this site releases: exact without DP, noised and charged with it.
 
-    Under DP (either mode) the counts carry discrete Gaussian noise derived from the site's own
-    ``eval-budget-fraction``, and the release is charged to the study's record-level ledger
-    before it leaves (:func:`privacy.release_eval_sums`); the loss sum is withheld (zero).
+    Under DP (either mode) the counts, the fairness vector included, carry discrete Gaussian
+    noise derived from the site's own ``eval-budget-fraction``, and the release is charged to
+    the study's record-level ledger before it leaves (:func:`privacy.release_eval_sums`); the
+    loss sum is withheld (zero). Then the fairness vector's small cells are suppressed (on the
+    noised counts under DP: post-processing) and its first slot says the noise variance.
     """
-    config, dataset, sums = _evaluate_val(msg, site)
+    config, dataset, sums, fairness = _evaluate_val(msg, site)
+    layout = config.fairness_layout
     if config.dp == "off":
         return (
             config,
@@ -356,6 +371,7 @@ def _released_sums(
                 keys.LOSS_SUM: sums.loss_sum,
                 keys.CONFUSION: [int(v) for v in sums.confusion.ravel()],
                 keys.SCORE_HIST: [int(v) for v in sums.score_hist.ravel()],
+                keys.FAIRNESS: _published(fairness, layout, site, variance=0.0),
             },
         )
     server_round = _config_int(msg.content.config_records[keys.CONFIG], keys.SERVER_ROUND, 0)
@@ -374,6 +390,8 @@ def _released_sums(
         num_train_samples=max(train_size, 1),
         server_round=server_round,
         run_id=str(context.run_id),
+        extra=fairness,
+        extra_l2_squared=layout.record_l2_squared,
     )
     log.info(
         "site %s, round %d: evaluation sums released with noise std %.2f; epsilon %.4f",
@@ -382,6 +400,7 @@ def _released_sums(
         noised.std,
         noised.epsilon,
     )
+    assert noised.extra is not None  # the fairness vector was passed in
     return (
         config,
         dataset,
@@ -390,8 +409,28 @@ def _released_sums(
             keys.LOSS_SUM: 0.0,
             keys.CONFUSION: [int(v) for v in noised.confusion.ravel()],
             keys.SCORE_HIST: [int(v) for v in noised.score_hist.ravel()],
+            keys.FAIRNESS: _published(noised.extra, layout, site, variance=noised.std**2),
         },
     )
+
+
+def _published(
+    vector: np.ndarray, layout: FairnessLayout, site: Site, *, variance: float
+) -> list[int]:
+    """The fairness vector as it leaves: small cells suppressed, the noise variance in front."""
+    out = suppress(vector, layout, min_cell_count=site.min_cell_count)
+    out[0] = round(variance * VARIANCE_SCALE)
+    left_out = suppressed_labels(out, layout)
+    if left_out:
+        log.info(
+            "site %s: %d subgroup cell(s) below min-cell-count %d or protecting one were "
+            "suppressed: %s",
+            site.site_id,
+            len(left_out),
+            site.min_cell_count,
+            ", ".join(left_out[:20]),
+        )
+    return [int(v) for v in out]
 
 
 def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
@@ -399,19 +438,18 @@ def _evaluation_counts(msg: Message, context: Context) -> dict[str, np.ndarray]:
     site = _site(context)
     _check_study(msg, site)
     config, _, released = _released_sums(msg, context, site)
-    return evalsums.to_counts(released, num_classes=config.num_classes)
+    return evalsums.to_counts(
+        released, num_classes=config.num_classes, fairness_size=config.fairness_layout.size
+    )
 
 
 def _evaluate(msg: Message, context: Context, site: Site) -> RecordDict:
-    _, dataset, released = _released_sums(msg, context, site)
-    cells: dict[str, ConfigRecordValues] = dict(
-        subgroup_counts((s.attributes for s in dataset.samples), min_cell_count=site.min_cell_count)
-    )
+    """A plain evaluate message: the released sums, the fairness vector among them."""
+    _, _, released = _released_sums(msg, context, site)
     return RecordDict(
         {
             keys.METRICS: MetricRecord(released),
             keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
-            keys.SUBGROUPS: ConfigRecord(cells),
         }
     )
 

@@ -148,6 +148,8 @@ def _serve(
         for index, item in enumerate(chunk):
             progress[_STARTED] = time.monotonic()  # the time first: see _in_progress
             progress[_SEQ], progress[_INDEX] = number, index
+            if memory_limit_bytes is not None:  # each file's budget, from what is mapped now
+                limit_address_space(memory_limit_bytes)
             try:
                 results.append(task(item))
             except Exception as exc:  # noqa: BLE001 - reported as a lost path, worker goes on

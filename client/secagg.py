@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 
 from client.errors import log_refusal
 from client.reply import check_reply
+from client.sent_reply import record_refusal, record_reply
 from client.site_identity import load_site_identity
 from fedrad.core import keys
 from fedrad.core.config import NodeConfig
@@ -132,15 +133,18 @@ def _handler(step: Step) -> Callable[[Message, Context], Message]:
 
     ``Exception``, not ``BaseException``: an interrupt still stops the node. The reply names
     a code and its fixed sentence only (:mod:`client.errors`); the detail stays in the log.
+    Every reply is written to the site's sent log first (:mod:`client.sent_reply`).
     """
 
     def handle(msg: Message, context: Context) -> Message:
         try:
             content = step(msg, context)
             check_reply(content)  # a secagg record holds no subgroup cells
+            reply = Message(content, reply_to=msg)
+            record_reply(reply, request=msg, context=context)  # the sent log, before it leaves
         except Exception as exc:  # the edge: fail closed, no half-finished session survives
             return _error_reply(msg, context, exc)
-        return Message(content, reply_to=msg)
+        return reply
 
     handle.__name__ = getattr(step, "__name__", getattr(step, "func", step).__name__)
     return handle
@@ -151,7 +155,8 @@ def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
     code, sentence = log_refusal(
         exc, message_type=msg.metadata.message_type, node_config=context.node_config
     )
-    return Message(Error(code=code, reason=sentence), reply_to=msg)
+    refused = Message(Error(code=code, reason=sentence), reply_to=msg)
+    return record_refusal(refused, request=msg, context=context)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,9 @@ def resolve_site(node: NodeConfig, *, sites_dir: str) -> Site:
             )
         data_dir = sites[node.partition_id]
         cache = Path(node.cache_dir).expanduser() if node.cache_dir else simulation_cache_root(root)
-        ledger = Path(node.ledger_dir).expanduser() if node.ledger_dir else root / ".fedrad-ledger"
+        ledger = (
+            Path(node.ledger_dir).expanduser() if node.ledger_dir else simulation_ledger_root(root)
+        )
         return _site(node, data_dir, cache, ledger)
     raise DataError(
         "This node has no data folder: start it with --node-config \"data-dir='/path/to/site'\"."
@@ -94,6 +96,11 @@ def resolve_site(node: NodeConfig, *, sites_dir: str) -> Site:
 def simulation_cache_root(sites_dir: Path) -> Path:
     """In simulation the sites' caches sit beside the (synthetic) site folders."""
     return sites_dir / ".fedrad-cache"
+
+
+def simulation_ledger_root(sites_dir: Path) -> Path:
+    """In simulation the sites' ledgers (and sent logs) sit beside the site folders."""
+    return sites_dir / ".fedrad-ledger"
 
 
 def transform_config(config: RunConfig) -> TransformConfig:

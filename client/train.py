@@ -123,13 +123,17 @@ def evaluation_sums(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return confusion, hist
 
 
-def evaluate_local(model: nn.Module, dataset: Dataset[tuple[torch.Tensor, int]]) -> EvalSums:
-    """Evaluate ``model`` on ``dataset`` and return additive sums."""
-    scores, labels = predict(model, dataset)
+def eval_sums(scores: np.ndarray, labels: np.ndarray) -> EvalSums:
+    """Additive sums of softmax scores ``(N, C)`` against true labels ``(N,)``."""
     eps = 1e-12
     loss_sum = float(-np.log(scores[np.arange(len(labels)), labels] + eps).sum())
     confusion, hist = evaluation_sums(scores, labels)
     return EvalSums(len(labels), loss_sum, confusion, hist)
+
+
+def evaluate_local(model: nn.Module, dataset: Dataset[tuple[torch.Tensor, int]]) -> EvalSums:
+    """Evaluate ``model`` on ``dataset`` and return additive sums."""
+    return eval_sums(*predict(model, dataset))
 
 
 def load_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:

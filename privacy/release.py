@@ -99,6 +99,8 @@ class EvalRelease:
     std: float
     epsilon: float
     delta: float
+    extra: np.ndarray | None = None
+    """The noised ``extra`` counts (the fairness vector), negative values clipped to 0."""
 
 
 def release_eval_sums(
@@ -115,8 +117,15 @@ def release_eval_sums(
     num_train_samples: int,
     server_round: int,
     run_id: str,
+    extra: np.ndarray | None = None,
+    extra_l2_squared: float = 0.0,
 ) -> EvalRelease:
     """Noise a site's evaluation counts and record the release in its ledger first.
+
+    ``extra`` counts (the site's fairness vector) travel in the same release: one record
+    changes them by at most ``sqrt(extra_l2_squared)`` in L2, so the one Gaussian mechanism
+    over all counts has sensitivity ``sqrt(l2^2 + extra_l2_squared)``, and the noise std
+    grows with it while the privacy cost stays that of noise multiplier ``z``.
 
     Parameters
     ----------
@@ -158,7 +167,7 @@ def release_eval_sums(
     ledger.check_site_budget(projected=projected, limits=limits)  # allow-list, site total
     num_classes = int(confusion.shape[0])
     l2, _ = eval_sensitivity(num_classes)
-    std = noise_multiplier * l2
+    std = noise_multiplier * math.sqrt(l2**2 + (extra_l2_squared if extra is not None else 0.0))
     noisy_confusion = np.asarray(confusion, dtype=np.int64) + discrete_gaussian(
         std, int(confusion.size)
     ).reshape(confusion.shape)
@@ -172,6 +181,11 @@ def release_eval_sums(
         delta=chosen,
         accountant=accountant,
     )
+    noisy_extra = None
+    if extra is not None:
+        noisy_extra = np.maximum(
+            np.asarray(extra, dtype=np.int64) + discrete_gaussian(std, int(np.size(extra))), 0
+        )
     noisy_confusion = np.maximum(noisy_confusion, 0)
     return EvalRelease(
         num_examples=int(noisy_confusion.sum()),
@@ -180,4 +194,5 @@ def release_eval_sums(
         std=std,
         epsilon=epsilon,
         delta=chosen,
+        extra=noisy_extra,
     )

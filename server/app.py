@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrad.core.config import RunConfig
 from fedrad.core.sites import list_site_dirs
+from server.audit import AuditError
 from server.loop import Federation
 from server.rundir import RunDir, new_run_dir
 
@@ -61,7 +62,11 @@ def main(grid: Grid, context: Context) -> None:
     if config.sites_dir:  # simulation with named site folders; in deployment sites own theirs
         sites_dir = Path(config.sites_dir).expanduser()
         log.info("%d site folder(s) in %s", len(list_site_dirs(sites_dir)), sites_dir)
-    summary = Federation(grid, config, run_dir).run()
+    try:
+        summary = Federation(grid, config, run_dir).run()
+    except AuditError as exc:  # no round may count that the signed trail does not hold
+        log.error("run stopped: %s", exc)
+        raise
     if not summary["rounds-completed"]:
         log.error(
             "run %s: no model was trained (no round completed): %s",

@@ -22,6 +22,7 @@ from fedrad.core import keys
 from fedrad.core.config import RunConfig
 from models import ModelSpec
 from privacy import ClientDPPlan, planned_client_epsilon
+from server.audit_trail import open_run_trail
 from server.digest import sha256_arrays
 from server.exchange import (
     SiteReplies,
@@ -30,8 +31,10 @@ from server.exchange import (
     load_node_names,
     send_and_receive,
 )
+from server.fairness import cell_counts, round_counts, save_counts
 from server.initial_model import initial_arrays, model_spec
 from server.metrics import evaluation_metrics
+from server.report import write_report
 from server.rundir import RunDir
 from server.secure_rounds import evaluate_securely, secure_evaluation, train_securely
 from server.strategies import (
@@ -45,7 +48,7 @@ from server.strategies import (
 log = logging.getLogger(__name__)
 
 # Run-config keys that describe the coordinator's own disk; never sent to a site.
-_COORDINATOR_ONLY = ("sites-dir", "out-dir", "resume-from", "node-names")
+_COORDINATOR_ONLY = ("sites-dir", "out-dir", "resume-from", "node-names", "audit-key")
 
 
 class Federation:
@@ -102,6 +105,12 @@ class Federation:
         """Run every remaining round; return the summary written to the run directory."""
         first, arrays = self._start()
         self.run_dir.write_run_record(self.config, sites=[], resumed_from=first - 1)
+        audit = open_run_trail(
+            self.config,
+            self.run_dir.path,
+            resumed_after=first - 1,
+            start_model=sha256_arrays(arrays),
+        )
         status, reason, last_eval = "completed", "", {}
         ran_rounds = False
         for server_round in range(first, self.config.num_server_rounds + 1):
@@ -127,11 +136,15 @@ class Federation:
                 )
                 record["status"] = "failed"
                 self.run_dir.append_metrics(record)
+                audit.record_round(record, train.participants)
                 log.error("stopping: %s", reason)
                 break
             arrays = new_arrays
             if self.config.secure_aggregation:
                 evaluation = secure_evaluation(server_round - 1, train, self.config)
+                self._keep_fairness(
+                    server_round - 1, evaluation["aggregate"], train.evaluation.get(keys.FAIRNESS)
+                )
             else:
                 evaluation = self._evaluate_round(server_round, arrays)
                 last_eval = evaluation["aggregate"]
@@ -143,6 +156,7 @@ class Federation:
             record["model-sha256"] = digest
             record["seconds"] = round(time.monotonic() - started, 3)
             self.run_dir.append_metrics(record)
+            audit.record_round(record, train.participants)
             log.info(
                 "round %d/%d: %d site(s), val AUC %.3f, val loss %.4f (%.1f s)",
                 server_round,
@@ -165,6 +179,7 @@ class Federation:
                 names=self.site_names,
             )
             last_eval = final["aggregate"]
+            self._keep_fairness(model_round, last_eval, final.pop("fairness", None))
         summary = {
             "status": status,
             "reason": reason,
@@ -175,8 +190,32 @@ class Federation:
         }
         if final:
             summary["final-evaluation"] = final
+        audit.record_end(summary)
+        summary["audit"] = audit.summary_fields()
         self.run_dir.write_summary(summary)
+        write_report(self.run_dir.path)
         return summary
+
+    def _keep_fairness(
+        self,
+        model_round: int,
+        aggregate: dict[str, Any],
+        total: Any,
+        per_site: dict[str, Any] | None = None,
+    ) -> None:
+        """Store an evaluation's fairness counts; with fairness-every-round, report them now."""
+        stored = round_counts(
+            self.config,
+            model_round=model_round,
+            threshold=float(aggregate.get("threshold", 0.5)),
+            total=total,
+            per_site=per_site,
+        )
+        if stored is None:
+            return
+        save_counts(self.run_dir.path, stored)
+        if self.config.fairness_every_round:
+            write_report(self.run_dir.path)
 
     def _train_round(
         self, server_round: int, arrays: dict[str, np.ndarray]
@@ -254,10 +293,24 @@ class Federation:
             totals = self.strategy.aggregate_evaluate(server_round, collected.ok)
             if totals is not None:
                 aggregate = evaluation_metrics(dict(totals), self.config)
+                self._keep_fairness(
+                    server_round,
+                    aggregate,
+                    totals.get(keys.FAIRNESS),
+                    {
+                        site: result[keys.FAIRNESS]
+                        for site, result in collected.results.items()
+                        if keys.FAIRNESS in result
+                    },
+                )
         return {
             "sites": per_site,
             "aggregate": aggregate,
-            "subgroups": collected.subgroups,
+            "subgroups": {
+                site: cell_counts(self.config.fairness_layout, r[keys.FAIRNESS])
+                for site, r in collected.results.items()
+                if keys.FAIRNESS in r
+            },
             "failures": collected.failures,
         }
 

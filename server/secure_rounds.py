@@ -61,7 +61,7 @@ def train_securely(
         threshold=threshold,
         clipping_range=config.secagg_clipping_range,
         timeout=config.round_timeout,
-        count_sizes=evalsums.count_sizes(config.num_classes),
+        count_sizes=evalsums.count_sizes(config.num_classes, config.fairness_layout.size),
         signed_values=config.dp == "client",
         names=names,
     )
@@ -141,13 +141,12 @@ def evaluate_securely(
         threshold=config.secagg_threshold or default_threshold(len(nodes)),
         clipping_range=config.secagg_clipping_range,
         timeout=config.round_timeout,
-        count_sizes=evalsums.count_sizes(config.num_classes),
+        count_sizes=evalsums.count_sizes(config.num_classes, config.fairness_layout.size),
         train=False,
         names=names,
     )
-    aggregate = (
-        evaluation_metrics(evalsums.from_counts(result.counts), config) if result.counts else {}
-    )
+    totals = evalsums.from_counts(result.counts) if result.counts else {}
+    aggregate = evaluation_metrics(totals, config) if totals else {}
     log.info(
         "final secure evaluation of round %d: %d site(s), val AUC %.3f",
         model_round,
@@ -163,4 +162,5 @@ def evaluate_securely(
         "aggregate": aggregate,
         "failures": result.failures,
         "seconds": result.seconds,
+        "fairness": totals.get(keys.FAIRNESS),
     }

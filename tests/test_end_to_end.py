@@ -9,6 +9,7 @@ import pytest
 from helpers import fedrad_command, run_command
 from safetensors.numpy import load_file
 
+from server.audit import verify
 from server.digest import sha256_arrays
 
 pytestmark = pytest.mark.timeout(400)
@@ -75,6 +76,20 @@ def test_every_round_checkpoint_is_complete(finished_run):
         assert (folder / "strategy.safetensors").is_file()
 
 
+def test_run_leaves_a_verifiable_audit_trail(finished_run):
+    run_dir, _ = finished_run
+    result = verify(run_dir)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert result.ok, result.describe()
+    assert [e["event"] for e in result.entries] == ["run-start", "round", "round", "run-end"]
+    assert [e["data"]["model-sha256"] for e in result.entries[1:3]] == [
+        r["model-sha256"] for r in rounds
+    ]
+    assert json.loads((run_dir / "summary.json").read_text())["audit"]["head"] == result.head
+    assert (run_dir.parent / "audit.key").is_file()  # the key lies outside the run directory
+
+
 def test_evaluate_prints_and_writes_json(finished_run, sites_2d, tmp_path):
     run_dir, _ = finished_run
     out = tmp_path / "scores.json"
@@ -126,3 +141,13 @@ def test_resume_continues_from_the_exact_checkpoint(sites_2d, tmp_path):
     assert rounds[1]["start-strategy-sha256"] == saved_strategy
     assert len(load_file(str(checkpoint / "strategy.safetensors"))) > 0  # FedAdam moments saved
     assert json.loads((run_dir / "run.json").read_text())["resumed-after-round"] == 1
+    trail = verify(run_dir)
+    assert trail.ok, trail.describe()
+    assert [e["event"] for e in trail.entries] == [
+        "run-start",
+        "round",
+        "run-end",
+        "resume",
+        "round",
+        "run-end",
+    ]

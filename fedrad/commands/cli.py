@@ -375,11 +375,20 @@ def build_parser() -> Parser:
 
     provision.add_parser(sub)
     nodes.add_parser(sub)
+    from fedrad.commands import site_log
+
+    site_log.add_parser(sub)  # into the `site` group that site_check made
     from fedrad.commands import status as status_command
     from fedrad.commands import study as study_command
 
     study_command.add_parser(sub)
     status_command.add_parser(sub)
+    from fedrad.commands import audit as audit_command
+
+    audit_command.add_parser(sub)
+    from fedrad.commands import report as report_command
+
+    report_command.add_parser(sub)
 
     demo = sub.add_parser("demo", help="synthesize 4 hospitals, federate, score on a holdout")
     demo.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")
@@ -403,6 +412,7 @@ def _parse(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
             "provision_command",
             "study_command",
             "coordinator_command",
+            "audit_command",
         )
         for dest in dests:
             name = getattr(args, dest, None)

@@ -9,7 +9,7 @@
       ca/ca.pem  ca/ca.key       the consortium CA (ca.key 0600; keep it offline after provisioning)
       coordinator/
         superlink.pem  superlink.key     TLS certificate (SANs: the coordinator's hosts/IPs)
-        audit.key  audit.pub             the coordinator's audit-signing key pair (P-384 PEM)
+        audit.key  audit.pub             the coordinator's audit-signing key pair (Ed25519 PEM)
         node-keys/NAME.pub               the registered site keys (OpenSSH, Flower's format)
         roster.json  roster.json.sig     the CA-signed roster of sites
         flwr-home/config.toml            the operator's Flower connection (CONNECTION below)

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedrad.commands.consortium import CONNECTION, DEFAULT_PORT, Consortium, SiteFolder
 from fedrad.core.durable import write_atomic
 from fedrad.core.errors import ConfigError
+from privacy.audit_key import write_key_pair
 from privacy.certs import (
-    PRIVATE_MODE,
     CertificateAuthority,
     NodeKeyPair,
     create_ca,
@@ -223,6 +223,7 @@ def _existing(consortium: Consortium) -> list[Path]:
         consortium.ca_key,
         consortium.server_cert,
         consortium.server_key,
+        consortium.audit_key,
     ]
     return [p for p in candidates if p.exists()]
 
@@ -274,23 +275,7 @@ def provision(
     create_server_certificate(
         ca, consortium.coordinator, hostnames=names, ip_addresses=ips, valid_days=days
     )
-    audit = ec.generate_private_key(ec.SECP384R1())
-    write_atomic(
-        consortium.audit_key,
-        audit.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        mode=PRIVATE_MODE,
-    )
-    write_atomic(
-        consortium.audit_public,
-        audit.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-        mode=0o644,
-    )
+    write_key_pair(consortium.audit_key, consortium.audit_public)  # Ed25519; never overwritten
     for folder in (consortium.state, consortium.logs, consortium.studies, consortium.flwr_home):
         folder.mkdir(parents=True, exist_ok=True)
     first = next(h.strip() for h in hosts if h.strip())  # as given: the address sites dial

@@ -34,6 +34,7 @@ from fedrad.commands.consortium import CONNECTION, Consortium
 from fedrad.commands.processes import alive, descendants, signal_tree, start
 from fedrad.core.config import ConfigValue, RunConfig
 from fedrad.core.errors import FedradError
+from privacy.audit_key import load_private_key
 from server.rundir import METRICS_FILE, SUMMARY_FILE, RunDir, read_json, write_json
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 STUDY_FILE = "study.json"
 RESUMABLE = ("running", "interrupted", "stopped")
 """study.json statuses that ``fedrad study start`` resumes from the last checkpoint."""
-_NOT_FORWARDED = ("sites-dir", "out-dir", "resume-from", "node-names")
+_NOT_FORWARDED = ("sites-dir", "out-dir", "resume-from", "node-names", "audit-key")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _BIN = Path(sys.executable).parent
 
@@ -236,6 +237,9 @@ def start_study(
     }
     if consortium.node_names.is_file():
         values["node-names"] = str(consortium.node_names.resolve())
+    if consortium.audit_key.is_file():  # the ServerApp signs the study's audit trail with it
+        load_private_key(consortium.audit_key)  # an old P-384 key fails here, before Flower
+        values["audit-key"] = str(consortium.audit_key.resolve())
     # a bad value fails here, before Flower starts; flwr gets each value with its own type
     typed = RunConfig.from_user_config(values).to_user_config()
     values = {k: typed[k] for k in values}

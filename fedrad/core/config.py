@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from fedrad.core.errors import ConfigError
+from fedrad.core.fairness import FairnessLayout, parse_attributes, parse_intersections
 
 SCHEMA_VERSION = 1
 """Version of the run-directory layout and of the resolved-configuration record."""
@@ -27,6 +28,9 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", 
 OPTIMIZER_NAMES = ("sgd", "adam")
 DP_MODES = ("off", "sample", "client")
 INDIVIDUAL_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+
+MAX_FAIRNESS_CLASSES = 20
+"""Most classes a run may break down by subgroup (each class adds a histogram per cell)."""
 
 ConfigValue = bool | int | float | str
 T = TypeVar("T")
@@ -109,6 +113,8 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "out-dir": "run directory to write; empty: a new folder under ./runs",
     "resume-from": "run directory whose latest checkpoint the run continues from",
     "node-names": "JSON file mapping Flower node ids to site names (fedrad coordinator start)",
+    "audit-key": "Ed25519 PEM key that signs the audit trail; empty: RUNS/audit.key beside the "
+    "run directory, created once and reused",
     "seed": "seed of initial weights and local shuffling",
     "kind": "2d images or 3d series (slices grouped by SeriesInstanceUID)",
     "image-size": "in-plane size images are resized to",
@@ -142,6 +148,11 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "secure-aggregation": "SecAgg+: the coordinator learns only the sum of the sites' updates",
     "secagg-threshold": "SecAgg+ threshold t; 0 picks the smallest safe one for the round",
     "secagg-clipping-range": "SecAgg+: largest absolute change of a weight in one round",
+    "fairness-attributes": "patient attributes the fairness report breaks metrics down by "
+    "(comma-separated: sex, age-band, manufacturer, modality)",
+    "fairness-intersections": "attribute pairs reported jointly, e.g. 'sex*age-band' "
+    "(comma-separated; empty for none)",
+    "fairness-every-round": "write the fairness report after every round, not only at the end",
 }
 """One line of help per run-config key: used by the command line and the README."""
 
@@ -157,6 +168,7 @@ class RunConfig:
     out_dir: str = ""
     resume_from: str = ""
     node_names: str = ""
+    audit_key: str = ""
     seed: int = 0
     kind: str = "2d"
     image_size: int = 64
@@ -190,6 +202,9 @@ class RunConfig:
     secure_aggregation: bool = False
     secagg_threshold: int = 0
     secagg_clipping_range: float = 8.0
+    fairness_attributes: str = "sex,age-band,manufacturer,modality"
+    fairness_intersections: str = ""
+    fairness_every_round: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)
@@ -259,6 +274,25 @@ class RunConfig:
         _check_range("secagg-threshold", self.secagg_threshold, 0, 100_000)
         if not self.secagg_clipping_range > 0:
             raise ConfigError("'secagg-clipping-range' must be positive.")
+        parse_intersections(self.fairness_intersections, parse_attributes(self.fairness_attributes))
+        if self.num_classes > MAX_FAIRNESS_CLASSES and (
+            self.fairness_attributes.strip() or self.fairness_intersections.strip()
+        ):
+            raise ConfigError(
+                f"the fairness report breaks {self.num_classes} classes down one-vs-rest per "
+                f"subgroup, too large a vector for more than {MAX_FAIRNESS_CLASSES} classes: "
+                "set fairness-attributes = '' and fairness-intersections = '' for this run."
+            )
+
+    @property
+    def fairness_layout(self) -> FairnessLayout:
+        """The layout of the fairness vectors every site sends in this run."""
+        return FairnessLayout.from_config(
+            num_classes=self.num_classes,
+            positive_label=self.positive_label,
+            attributes=self.fairness_attributes,
+            intersections=self.fairness_intersections,
+        )
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any], *, strict: bool = True) -> RunConfig:

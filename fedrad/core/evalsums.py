@@ -27,16 +27,26 @@ MAX_COUNT = 1 << 40
 
 _PREFIX = "fedrad:eval:"
 _FIELDS = (keys.NUM_EXAMPLES, keys.LOSS_SUM, keys.CONFUSION, keys.SCORE_HIST)
+"""The pooled sums; the fairness vector follows when the run has one."""
 
 
-def count_sizes(num_classes: int) -> dict[str, int]:
-    """Names and sizes of the evaluation counts of a ``num_classes`` model, in order."""
+def count_sizes(num_classes: int, fairness_size: int = 0) -> dict[str, int]:
+    """Names and sizes of the evaluation counts of a ``num_classes`` model, in order.
+
+    ``fairness_size`` is the length of the run's fairness vector (``RunConfig.fairness_layout``);
+    0 leaves it out.
+    """
     c = num_classes
     sizes = (1, 1, c * c, c * c * keys.SCORE_BINS)
-    return {_PREFIX + name: size for name, size in zip(_FIELDS, sizes, strict=True)}
+    out = {_PREFIX + name: size for name, size in zip(_FIELDS, sizes, strict=True)}
+    if fairness_size:
+        out[_PREFIX + keys.FAIRNESS] = fairness_size
+    return out
 
 
-def to_counts(metrics: Mapping[str, Any], num_classes: int) -> dict[str, np.ndarray]:
+def to_counts(
+    metrics: Mapping[str, Any], num_classes: int, fairness_size: int = 0
+) -> dict[str, np.ndarray]:
     """A site's evaluation metrics (the plain evaluate reply's values) as integer counts.
 
     Raises
@@ -56,8 +66,10 @@ def to_counts(metrics: Mapping[str, Any], num_classes: int) -> dict[str, np.ndar
         keys.CONFUSION: np.asarray(metrics[keys.CONFUSION], dtype=np.int64).ravel(),
         keys.SCORE_HIST: np.asarray(metrics[keys.SCORE_HIST], dtype=np.int64).ravel(),
     }
+    if fairness_size:
+        values[keys.FAIRNESS] = np.asarray(metrics[keys.FAIRNESS], dtype=np.int64).ravel()
     counts = {_PREFIX + name: value for name, value in values.items()}
-    for name, size in count_sizes(num_classes).items():
+    for name, size in count_sizes(num_classes, fairness_size).items():
         if counts[name].size != size:
             raise ValueError(f"{name} holds {counts[name].size} values, expected {size}.")
     return counts
@@ -66,9 +78,12 @@ def to_counts(metrics: Mapping[str, Any], num_classes: int) -> dict[str, np.ndar
 def from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Summed counts back as evaluation totals (read by ``server.metrics.evaluation_metrics``)."""
     values = {name: np.asarray(counts[_PREFIX + name], dtype=np.int64) for name in _FIELDS}
-    return {
+    out: dict[str, Any] = {
         keys.NUM_EXAMPLES: int(values[keys.NUM_EXAMPLES][0]),
         keys.LOSS_SUM: float(values[keys.LOSS_SUM][0]) / LOSS_SCALE,
         keys.CONFUSION: [int(v) for v in values[keys.CONFUSION]],
         keys.SCORE_HIST: [int(v) for v in values[keys.SCORE_HIST]],
     }
+    if _PREFIX + keys.FAIRNESS in counts:
+        out[keys.FAIRNESS] = [int(v) for v in np.asarray(counts[_PREFIX + keys.FAIRNESS])]
+    return out

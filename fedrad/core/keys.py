@@ -30,13 +30,15 @@ LOSS_SUM = "loss-sum"
 NUM_STEPS = "num-steps"
 CONFUSION = "confusion"
 SCORE_HIST = "score-hist"
+FAIRNESS = "fairness"
+"""The fairness vector: per-subgroup counts in the run's fixed layout (``fedrad.core.fairness``)."""
 
 EPSILON = "epsilon"
 DELTA = "delta"
 
 TRAIN_METRICS = (NUM_EXAMPLES, LOSS_SUM, NUM_STEPS)
 DP_TRAIN_METRICS = (EPSILON, DELTA)
-EVALUATE_METRICS = (NUM_EXAMPLES, LOSS_SUM, CONFUSION, SCORE_HIST)
+EVALUATE_METRICS = (NUM_EXAMPLES, LOSS_SUM, CONFUSION, SCORE_HIST, FAIRNESS)
 ALLOWED_REPLY_METRICS = frozenset(TRAIN_METRICS + DP_TRAIN_METRICS + EVALUATE_METRICS)
 ALLOWED_REPLY_CONFIG = frozenset({SITE_ID})
 

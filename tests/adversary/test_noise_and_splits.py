@@ -26,6 +26,7 @@ from client.train import evaluate_local
 from fedrad.core import keys
 from fedrad.core.config import NodeConfig, RunConfig
 from fedrad.core.errors import ERROR_PRIVACY_LIMIT, ERROR_SENTENCES
+from fedrad.core.fairness import VARIANCE_SCALE
 from privacy import (
     ClientDPPlan,
     PrivacyLedger,
@@ -264,6 +265,13 @@ def test_under_dp_evaluation_counts_are_noised_charged_and_the_loss_withheld(
     exact_hist = np.array(exact[keys.SCORE_HIST])
     noise = (np.array(released[keys.SCORE_HIST]) - exact_hist)[exact_hist > 4 * z * 3**0.5]
     assert noise.size == 0 or float(np.std(noise)) < 2 * z * 3**0.5
+    # the fairness vector travels in the same release: noised, its noise variance in front
+    layout = config.fairness_layout
+    std = z * (3 + layout.record_l2_squared) ** 0.5
+    assert exact[keys.FAIRNESS][0] == 0
+    assert released[keys.FAIRNESS][0] == round(std**2 * VARIANCE_SCALE)
+    assert released[keys.FAIRNESS] != exact[keys.FAIRNESS]
+    assert len(released[keys.FAIRNESS]) == layout.size
 
 
 def test_under_dp_sample_the_training_loss_is_withheld(sites, tmp_path, task_identity):

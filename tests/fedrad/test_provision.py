@@ -17,6 +17,7 @@ from fedrad.commands.consortium import CONNECTION, Consortium, read_site_setting
 from fedrad.commands.nodes import diagnose_supernode, site_command
 from fedrad.commands.provision import add_site, provision, rotate_site, show, split_hosts
 from fedrad.core.errors import ConfigError
+from privacy.audit_key import fingerprint, load_private_key, load_public_key
 from privacy.secagg.identity import load_roster
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,6 +64,8 @@ def test_provision_writes_the_layout_with_private_keys_0600(consortium: Consorti
         assert folder.ca_cert.read_bytes() == consortium.ca_cert.read_bytes()
         assert (folder.root / "roster.json.sig").is_file()
     assert b"BEGIN PUBLIC KEY" in consortium.audit_public.read_bytes()
+    audit = load_private_key(consortium.audit_key)  # Ed25519, or it raises
+    assert fingerprint(load_public_key(consortium.audit_public)) == fingerprint(audit.public_key())
     manifest = consortium.read_manifest()
     assert manifest["hosts"] == ["coord.example.org"]
     assert manifest["ips"] == ["127.0.0.1", "::1"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedrad.core.fairness import FairnessLayout
 from fedrad.core.keys import SCORE_BINS
 from privacy import (
     BudgetExhausted,
@@ -115,3 +116,42 @@ def test_release_respects_the_site_ceiling_whatever_the_run_asks(tmp_path: Path)
     with pytest.raises(PrivacyRefused, match="max-epsilon"):
         _release(_ledger(tmp_path), target=50.0)
     assert _ledger(tmp_path).rounds == ()
+
+
+def test_fairness_counts_share_the_release_and_its_epsilon(tmp_path: Path) -> None:
+    # Prepare: the run's fairness vector for one site, and a second ledger for comparison
+    layout = FairnessLayout.from_config(
+        num_classes=2, positive_label=1, attributes="sex,age-band", intersections=""
+    )
+    extra = layout.zeros()
+    extra[layout.cells[0].offset] = 500  # one large cell
+    alone = _release(_ledger(tmp_path / "alone"))
+
+    # Execute
+    together = release_eval_sums(
+        confusion=CONFUSION,
+        score_hist=HIST,
+        planned_releases=3,
+        budget_fraction=0.1,
+        ledger=_ledger(tmp_path / "together"),
+        limits=LIMITS,
+        target_epsilon=8.0,
+        delta=1e-5,
+        accountant="rdp",
+        num_train_samples=1000,
+        server_round=1,
+        run_id="run-1",
+        extra=extra,
+        extra_l2_squared=layout.record_l2_squared,
+    )
+
+    # Check: one record moves the vector by 1 in n and 1 in one bin per attribute (l2^2 = 4);
+    # the noise grows with the whole release's sensitivity, the epsilon does not
+    assert layout.record_l2_squared == 4.0
+    assert together.std == pytest.approx(alone.std * math.sqrt((3 + 4) / 3))
+    assert together.epsilon == pytest.approx(alone.epsilon)
+    assert together.extra is not None and together.extra.shape == extra.shape
+    assert together.extra.min() >= 0
+    assert abs(int(together.extra[layout.cells[0].offset]) - 500) < 8 * together.std
+    empty = np.delete(together.extra, layout.cells[0].offset)
+    assert 0 < empty.mean() < together.std  # the other counts hold only (clipped) noise

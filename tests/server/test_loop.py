@@ -134,3 +134,95 @@ def test_replies_come_back_in_the_order_sent_whatever_the_arrival() -> None:
     assert [m.metadata.reply_to_message_id for m in replies] == [
         m.metadata.message_id for m in messages
     ]
+
+
+# ---------------------------------------------------------------- the audit trail
+
+
+def _audit_config(**changes: object) -> RunConfig:
+    return RunConfig(num_server_rounds=2, image_size=32, min_sites=2, round_timeout=1.0).replace(
+        **changes
+    )
+
+
+def test_round_loop_writes_a_signed_audit_trail(tmp_path: Path) -> None:
+    # Prepare
+    from privacy.audit_key import AUDIT_KEY_FILE
+    from server.audit import AUDIT_FILE, verify
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    # Execute
+    summary = Federation(AnsweringGrid(), _audit_config(), RunDir(run_dir)).run()
+
+    # Assert: every event, signed with the key created beside the runs folder, no site names
+    result = verify(run_dir)
+    assert result.ok, result.describe()
+    assert [e["event"] for e in result.entries] == ["run-start", "round", "round", "run-end"]
+    written = json.loads((run_dir / "summary.json").read_text())["audit"]
+    assert (
+        written
+        == summary["audit"]
+        == {
+            "entries": 4,
+            "head": result.head,
+            "key-fingerprint": result.key_fingerprint,
+        }
+    )
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [e["data"] for e in result.entries if e["event"] == "round"]
+    assert [r["model-sha256"] for r in rounds] == [m["model-sha256"] for m in metrics]
+    assert len(rounds[0]["sites"]) == 2 and "node-33" in rounds[0]["failures"]["train"]
+    assert result.entries[-1]["data"]["model-sha256"] == metrics[-1]["model-sha256"]
+    text = (run_dir / AUDIT_FILE).read_text()
+    assert "site-a" not in text and "site-b" not in text
+    assert ((tmp_path / AUDIT_KEY_FILE).stat().st_mode & 0o777) == 0o600
+
+
+def test_the_run_configs_audit_key_signs_the_trail(tmp_path: Path) -> None:
+    from privacy.audit_key import fingerprint, write_key_pair
+    from server.audit import verify
+
+    key = write_key_pair(tmp_path / "coordinator" / "audit.key", tmp_path / "coordinator.pub")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = _audit_config(audit_key=str(tmp_path / "coordinator" / "audit.key"))
+
+    Federation(AnsweringGrid(), config, RunDir(run_dir)).run()
+
+    assert verify(run_dir, public_key=key.public_key()).ok
+    assert verify(run_dir).key_fingerprint == fingerprint(key.public_key())
+    assert not (tmp_path / "audit.key").exists()  # no default key was made
+
+
+def test_a_resumed_run_continues_the_audit_chain(tmp_path: Path) -> None:
+    # Prepare: a run of one round
+    from server.audit import verify
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    Federation(AnsweringGrid(), _audit_config(num_server_rounds=1), RunDir(run_dir)).run()
+
+    # Execute: resume it in the same directory for a second round
+    resumed = _audit_config(resume_from=str(run_dir), out_dir=str(run_dir))
+    Federation(AnsweringGrid(), resumed, RunDir(run_dir)).run()
+
+    # Assert
+    result = verify(run_dir)
+    assert result.ok, result.describe()
+    events = [e["event"] for e in result.entries]
+    assert events == ["run-start", "round", "run-end", "resume", "round", "run-end"]
+    assert result.entries[3]["data"]["after-round"] == 1
+    assert result.entries[1]["data"]["sites"] == result.entries[4]["data"]["sites"]
+
+
+def test_an_unwritable_audit_trail_stops_the_run(tmp_path: Path) -> None:
+    from server.audit import AUDIT_FILE, AuditError
+
+    run_dir = tmp_path / "run"
+    (run_dir / AUDIT_FILE).mkdir(parents=True)
+
+    with pytest.raises(AuditError, match="audit.jsonl is not a file"):
+        Federation(AnsweringGrid(), _audit_config(), RunDir(run_dir)).run()
+    assert not (run_dir / "rounds").exists()  # no round trained that the trail would not hold

@@ -71,6 +71,11 @@ def identities(tmp_path_factory):
     """Identity keys and the roster of 12 sites, as fedrad synth writes them."""
     folder = write_identities(tmp_path_factory.mktemp("identities"), SITE_NAMES)
     IDENTITIES["folder"] = folder
+    sites = tmp_path_factory.mktemp("sites")  # site folders: where each site logs its replies
+    for name in SITE_NAMES:
+        (sites / name).mkdir()
+        (sites / name / "labels.csv").write_text("file,label\n")
+    IDENTITIES["sites"] = sites
     yield folder
     IDENTITIES.clear()
 
@@ -123,7 +128,7 @@ class ProcessGrid(Grid):
                 node_id=1000 + i,
                 node_config=node_config(i),
                 state=RecordDict(),
-                run_config={},
+                run_config={"sites-dir": str(IDENTITIES["sites"])},
             )
             for i in range(num_nodes)
         }
@@ -563,6 +568,7 @@ def test_every_advertisement_is_relayed_with_its_signature():
 def test_a_site_without_an_identity_refuses_and_says_how_to_get_one(caplog):
     grid = ProcessGrid(_app(), 3)
     grid.contexts[1000].node_config = {"partition-id": 0}  # no identity-key, no sites-dir
+    grid.contexts[1000].run_config = {}
 
     result = _round(grid, threshold=2)
 
