@@ -23,7 +23,7 @@ import numpy as np
 
 from client.disclosure import coarsen
 from fedrad.core.fairness import Cell, FairnessLayout
-from fedrad.core.keys import SCORE_BINS
+from fedrad.core.scores import score_bins
 
 __all__ = ["site_vector", "suppress", "suppressed_labels"]
 
@@ -43,7 +43,7 @@ def site_vector(
         raise ValueError("scores, labels and attributes must describe the same samples.")
     vector = layout.zeros()
     index = {(cell.family.name, cell.value): cell for cell in layout.cells}
-    bins = np.clip((np.asarray(scores) * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    bins = score_bins(np.asarray(scores))
     predicted = np.asarray(scores).argmax(axis=1)
     for i, raw in enumerate(attributes):
         coarse = coarsen(raw)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedrad.core.keys import SCORE_BINS
+from fedrad.core.scores import score_bins
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class EvalSums:
     """Additive evaluation statistics; ``confusion[t][p]`` counts true t predicted p.
 
     ``score_hist[c][t][b]`` counts samples of true class t whose softmax score of class c
-    falls in bin b of SCORE_BINS equal-width bins on [0, 1].
+    falls in bin b of the SCORE_BINS bins of ``fedrad.core.scores`` (fine in the middle,
+    logarithmic in the tails).
     """
 
     num_examples: int
@@ -116,7 +118,7 @@ def evaluation_sums(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     num_classes = scores.shape[1]
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, scores.argmax(axis=1)), 1)
-    bins = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    bins = score_bins(scores)
     hist = np.zeros((num_classes, num_classes, SCORE_BINS), dtype=np.int64)
     for c in range(num_classes):
         np.add.at(hist[c], (labels, bins[:, c]), 1)

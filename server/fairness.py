@@ -9,8 +9,8 @@ and class of interest (the positive label, or every class one-vs-rest):
   ``var(k/n) ~ (var_k + p^2 var_n) / n^2`` added in quadrature to the Wilson half-widths);
 - AUC from the score histograms (ties within a bin count half) with a Hanley-McNeil interval
   and its binning error bound (below), and the expected calibration error (ECE, 10 groups of
-  score bins, each bin's score taken as its centre: within 0.5 / SCORE_BINS of the ECE of
-  the raw scores);
+  10 score bins of ``fedrad.core.scores``, each bin's score taken as its centre: within half
+  a bin's width, at most 0.0175, of the ECE of the raw scores);
 - per attribute (and intersection) the gaps with fairlearn's definitions, over the groups
   with data: demographic parity difference (max - min selection rate) and ratio (min / max),
   equalized odds difference (the larger of the TPR and FPR ranges), equal opportunity
@@ -41,7 +41,8 @@ from fedrad.core.durable import write_atomic
 from fedrad.core.errors import RunDirError
 from fedrad.core.fairness import Cell, FairnessLayout, Family
 from fedrad.core.keys import SCORE_BINS
-from server.metrics import histogram_auc
+from fedrad.core.scores import bin_centres, edge_index
+from server.metrics import auc_binning_error, histogram_auc
 
 __all__ = [
     "COUNTS_DIR",
@@ -99,14 +100,6 @@ def interval(
     }
 
 
-def auc_binning_error(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Largest possible difference between the histogram AUC and the AUC of the raw scores."""
-    n_pos, n_neg = float(positive.sum()), float(negative.sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float(0.5 * (positive * negative).sum() / (n_pos * n_neg))
-
-
 def _auc(positive: np.ndarray, negative: np.ndarray) -> dict[str, float | None]:
     a = histogram_auc(positive, negative)
     n_pos, n_neg = float(positive.sum()), float(negative.sum())
@@ -127,7 +120,7 @@ def _calibration(
     positive: np.ndarray, negative: np.ndarray
 ) -> tuple[float | None, list[list[float]]]:
     """ECE and the reliability points ``[mean score, observed rate, count]`` per group."""
-    centres = (np.arange(SCORE_BINS) + 0.5) / SCORE_BINS
+    centres = bin_centres()
     width = SCORE_BINS // CALIBRATION_GROUPS
     total = float(positive.sum() + negative.sum())
     if total <= 0:
@@ -191,7 +184,7 @@ def _decisions(
             (c - 1) ** 2 * variance,
         )
     hist = layout.histograms(vector, cell)[k_index].astype(float)
-    b = int(round(threshold * SCORE_BINS))
+    b = edge_index(threshold)
     neg, pos = hist[0], hist[1]
     above, below = SCORE_BINS - b, b
     return _Decisions(

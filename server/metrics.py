@@ -15,6 +15,7 @@ import numpy as np
 from fedrad.core import keys
 from fedrad.core.config import RunConfig
 from fedrad.core.keys import SCORE_BINS
+from fedrad.core.scores import SCORE_EDGES, edge_index
 
 
 def histogram_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -25,6 +26,20 @@ def histogram_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     negatives_below = np.cumsum(negative) - negative
     wins = (positive * negatives_below).sum() + 0.5 * (positive * negative).sum()
     return float(wins / (n_pos * n_neg))
+
+
+def auc_binning_error(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Largest possible difference between the histogram AUC and the AUC of the raw scores.
+
+    Pairs of a positive and a negative in different bins are ordered exactly; a pair in the
+    same bin counts a half, where the raw scores may order it either way, so the error is at
+    most ``0.5 * sum_b pos_b neg_b / (P N)``. It is large when the scores crowd into few bins
+    (all in one bin: 0.5, and the histogram AUC of 0.5 says nothing).
+    """
+    n_pos, n_neg = float(positive.sum()), float(negative.sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float(0.5 * (positive * negative).sum() / (n_pos * n_neg))
 
 
 def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -49,7 +64,7 @@ def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def youden_threshold(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Operating threshold (a bin edge) maximising sensitivity + specificity - 1."""
+    """Operating threshold (a bin edge of ``fedrad.core.scores``) maximising Youden's J."""
     n_pos, n_neg = max(positive.sum(), 1), max(negative.sum(), 1)
     best, best_j = 0.5, -1.0
     for b in range(1, SCORE_BINS):
@@ -57,7 +72,7 @@ def youden_threshold(positive: np.ndarray, negative: np.ndarray) -> float:
         specificity = negative[:b].sum() / n_neg
         j = sensitivity + specificity - 1
         if j > best_j + 1e-12:
-            best, best_j = b / SCORE_BINS, j
+            best, best_j = float(SCORE_EDGES[b]), j
     return best
 
 
@@ -72,7 +87,7 @@ class BinaryRates:
 
 def rates_at(positive: np.ndarray, negative: np.ndarray, threshold: float) -> BinaryRates:
     """Rates when a score at or above ``threshold`` (a bin edge) predicts positive."""
-    b = int(round(threshold * SCORE_BINS))
+    b = edge_index(threshold)
     tp, fn = positive[b:].sum(), positive[:b].sum()
     tn, fp = negative[:b].sum(), negative[b:].sum()
     total = tp + fn + tn + fp
@@ -96,7 +111,9 @@ def summarize(
 
     Binary: AUC, and accuracy/sensitivity/specificity at ``threshold`` (default: the Youden
     threshold of these very sums, reported as ``threshold``). Multi-class: macro one-vs-rest
-    AUC and accuracy of the arg-max prediction.
+    AUC and accuracy of the arg-max prediction. Both report ``auc-binning-error``, the
+    largest difference the score binning can make to the AUC (:func:`auc_binning_error`;
+    the mean over classes for macro AUC).
     """
     num_classes = confusion.shape[0]
     out: dict[str, float] = {
@@ -110,6 +127,7 @@ def summarize(
         rates = rates_at(positive, negative, chosen)
         out.update(
             auc=histogram_auc(positive, negative),
+            **{"auc-binning-error": auc_binning_error(positive, negative)},
             accuracy=rates.accuracy,
             sensitivity=rates.sensitivity,
             specificity=rates.specificity,
@@ -120,7 +138,14 @@ def summarize(
             histogram_auc(score_hist[c][c], score_hist[c].sum(axis=0) - score_hist[c][c])
             for c in range(num_classes)
         ]
+        errors = [
+            auc_binning_error(score_hist[c][c], score_hist[c].sum(axis=0) - score_hist[c][c])
+            for c in range(num_classes)
+        ]
         total = confusion.sum()
+        out["auc-binning-error"] = (
+            float(np.nanmean(errors)) if not np.all(np.isnan(errors)) else float("nan")
+        )
         out.update(
             auc=float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan"),
             accuracy=float(np.trace(confusion) / total) if total else float("nan"),

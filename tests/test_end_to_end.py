@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,24 @@ def test_run_leaves_a_verifiable_audit_trail(finished_run):
     ]
     assert json.loads((run_dir / "summary.json").read_text())["audit"]["head"] == result.head
     assert (run_dir.parent / "audit.key").is_file()  # the key lies outside the run directory
+
+
+def test_run_writes_a_fairness_report_from_every_evaluation(finished_run):
+    run_dir, _ = finished_run
+    stored = sorted(p.name for p in (run_dir / "fairness").iterdir())
+    report = json.loads((run_dir / "fairness.json").read_text())
+    page = (run_dir / "report.html").read_text()
+
+    assert stored == ["round-001.json", "round-002.json"]
+    assert report["final"]["round"] == 2
+    assert [f["name"] for f in report["final"]["families"]] == [
+        "sex",
+        "age-band",
+        "manufacturer",
+        "modality",
+    ]
+    assert "<svg" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", page)  # nothing fetched
 
 
 def test_evaluate_prints_and_writes_json(finished_run, sites_2d, tmp_path):

@@ -43,4 +43,4 @@ ALLOWED_REPLY_METRICS = frozenset(TRAIN_METRICS + DP_TRAIN_METRICS + EVALUATE_ME
 ALLOWED_REPLY_CONFIG = frozenset({SITE_ID})
 
 SCORE_BINS = 100
-"""Number of equal-width bins on [0, 1] of the score histograms sites send."""
+"""Number of bins on [0, 1] of the score histograms sites send (edges: ``fedrad.core.scores``)."""

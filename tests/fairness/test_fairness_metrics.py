@@ -9,6 +9,7 @@ from client.fairness import site_vector, suppress
 from fedrad.core.config import RunConfig
 from fedrad.core.errors import ConfigError
 from fedrad.core.fairness import FairnessLayout
+from fedrad.core.scores import SCORE_EDGES, edge_index, score_bins
 from server.fairness import auc_binning_error, fairness_report, interval
 from server.metrics import exact_auc
 
@@ -90,9 +91,9 @@ def test_random_predictions_match_fairlearn_for_every_attribute():
     attributes = [{"sex": s, "age-band": b} for s, b in zip(sexes, bands, strict=True)]
     layout = _layout("sex,age-band", "sex*age-band")
     _, total = _sites_total(layout, scores, labels, attributes, rng.integers(0, 4, n))
-    threshold = 0.47
+    threshold = float(SCORE_EDGES[47])
     report = fairness_report(layout, total, threshold=threshold)
-    predicted = (np.floor(positive * 100) >= 47).astype(int)  # a bin edge, as sites bin
+    predicted = (score_bins(positive) >= edge_index(threshold)).astype(int)  # sites bin scores
 
     # Check: every gap and the per-group rates agree with fairlearn on the pooled data
     features = {"sex": sexes, "age-band": bands, "sex*age-band": np.char.add(sexes, bands)}

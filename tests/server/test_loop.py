@@ -226,3 +226,62 @@ def test_an_unwritable_audit_trail_stops_the_run(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match="audit.jsonl is not a file"):
         Federation(AnsweringGrid(), _audit_config(), RunDir(run_dir)).run()
     assert not (run_dir / "rounds").exists()  # no round trained that the trail would not hold
+
+
+# ---------------------------------------------------------------- the fairness report
+
+
+class FairGrid(AnsweringGrid):
+    """Sites whose evaluations carry a fairness vector; each notes whether a report exists."""
+
+    def __init__(self, config: RunConfig, run_dir: Path) -> None:
+        super().__init__()
+        self.layout = config.fairness_layout
+        self.run_dir = run_dir
+        self.report_seen: list[bool] = []
+
+    def _answer(self, message: Message) -> Message:
+        reply = super()._answer(message)
+        if message.metadata.message_type != "evaluate" or reply.has_error():
+            return reply
+        import numpy as np
+
+        from client.fairness import site_vector
+
+        self.report_seen.append((self.run_dir / "report.html").is_file())
+        labels = np.array([0, 1] * 10)
+        scores = np.stack([1 - (0.3 + 0.4 * labels), 0.3 + 0.4 * labels], axis=1)
+        people = [{"sex": "F" if i % 4 < 2 else "M"} for i in range(20)]
+        vector = site_vector(self.layout, scores, labels, people)
+        reply.content[keys.METRICS][keys.FAIRNESS] = [int(v) for v in vector]
+        return reply
+
+
+@pytest.mark.parametrize("every_round", [True, False])
+def test_fairness_report_is_written_at_the_end_or_after_every_round(
+    tmp_path: Path, every_round: bool
+) -> None:
+    # Prepare
+    config = RunConfig(
+        num_server_rounds=2,
+        image_size=32,
+        min_sites=2,
+        round_timeout=1.0,
+        fairness_attributes="sex",
+        fairness_every_round=every_round,
+    )
+    grid = FairGrid(config, tmp_path)
+
+    # Execute
+    Federation(grid, config, RunDir(tmp_path)).run()
+
+    # Assert: each round's summed counts are kept; the report came after round 1 only if asked
+    assert sorted(p.name for p in (tmp_path / "fairness").iterdir()) == [
+        "round-001.json",
+        "round-002.json",
+    ]
+    assert grid.report_seen == [False, False, every_round, every_round]
+    report = json.loads((tmp_path / "fairness.json").read_text())
+    groups = report["final"]["families"][0]["classes"]["1"]["groups"]
+    assert {g["cell"]: g["n"] for g in groups} == {"sex=M": 20, "sex=F": 20}  # 2 sites x 10
+    assert "sex=F" in (tmp_path / "report.html").read_text()

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from client.train import evaluation_sums
 from fedrad.core.keys import SCORE_BINS
+from fedrad.core.scores import SCORE_EDGES, bin_centres, score_bins
 from server.metrics import exact_auc, histogram_auc, summarize, youden_threshold
 
 
@@ -30,7 +31,7 @@ def test_histogram_auc_equals_exact_auc_on_binned_scores():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 500)
     scores = np.clip(rng.normal(0.4 + 0.2 * labels, 0.2), 0, 0.999)
-    binned = (np.floor(scores * SCORE_BINS) + 0.5) / SCORE_BINS
+    binned = bin_centres()[score_bins(scores)]
     two_class = np.stack([1 - binned, binned], axis=1)
     _, hist = evaluation_sums(two_class, labels)
 
@@ -65,7 +66,7 @@ def test_youden_threshold_separates_perfectly_separable_scores():
 
     threshold = youden_threshold(positive, negative)
 
-    assert 0.30 <= threshold <= 0.70
+    assert SCORE_EDGES[30] <= threshold <= SCORE_EDGES[70]
 
 
 def test_multiclass_summary_has_macro_auc_and_accuracy():
@@ -79,3 +80,43 @@ def test_multiclass_summary_has_macro_auc_and_accuracy():
 
     assert metrics["accuracy"] == pytest.approx(1.0)
     assert metrics["auc"] == pytest.approx(1.0)
+
+
+def test_pooled_auc_states_its_binning_error_and_it_holds_for_crowded_scores():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 500)
+    for spread in (0.2, 0.003):  # the second crowds every score into one or two bins
+        positive = np.clip(0.5 + spread * (rng.normal(size=500) + labels), 0, 0.999)
+        scores = np.stack([1 - positive, positive], axis=1)
+        confusion, hist = evaluation_sums(scores, labels)
+        metrics = summarize(
+            num_examples=500,
+            loss_sum=1.0,
+            confusion=confusion,
+            score_hist=hist,
+            positive_label=1,
+        )
+        exact = exact_auc(positive, labels)
+        assert abs(metrics["auc"] - exact) <= metrics["auc-binning-error"] + 1e-12
+    assert metrics["auc-binning-error"] > 0.2  # crowded: the AUC of 0.5-ish is not informative
+
+
+def test_scores_crowded_near_zero_keep_their_ranking():
+    # A federated model pulled towards the negative class: every score below 0.01 (the case
+    # where equal-width bins gave AUC 0.5 exactly); the tail bins still rank them
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    positive = 1e-4 * np.exp(rng.normal(size=400) + 1.5 * labels)
+    assert positive.max() < 0.01
+    scores = np.stack([1 - positive, positive], axis=1)
+    confusion, hist = evaluation_sums(scores, labels)
+
+    metrics = summarize(
+        num_examples=400, loss_sum=1.0, confusion=confusion, score_hist=hist, positive_label=1
+    )
+
+    exact = exact_auc(positive, labels)
+    assert exact > 0.8
+    assert abs(metrics["auc"] - exact) <= metrics["auc-binning-error"] + 1e-12
+    assert metrics["auc-binning-error"] < 0.15 and metrics["auc"] > 0.7
+    assert metrics["threshold"] < 0.01  # the operating threshold is found among them
