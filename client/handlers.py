@@ -22,6 +22,7 @@ from client.dataset import SiteDataset
 from client.dp_train import DPTrainSums, train_local_dp
 from client.errors import log_refusal
 from client.fairness import site_vector, suppress, suppressed_labels
+from client.replay import load_replay, model_digest, save_replay
 from client.reply import check_reply
 from client.secagg import SecureInput
 from client.secagg import register as register_secagg
@@ -295,9 +296,34 @@ def _train_dp(
     The sampling and noise draw on OS randomness: a seed the coordinator knows would let it
     subtract the noise. The noise multiplier, when derived, reserves the budget of the run's
     noised evaluations (one per planned round and a final one, see :func:`_release_eval`).
+    A round asked for again from the same model (a coordinator that restarted with the round
+    in flight) is answered with the update this site released for it (:mod:`client.replay`).
     """
     request = DPRequest.from_run_config(config)
     ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
+    start = model_digest({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    kept = load_replay(
+        site.ledger_root,
+        study=request.study_id,
+        site=site.site_id,
+        server_round=server_round,
+        start=start,
+    )
+    if kept is not None:  # a retried round: the update already released, at no new cost
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in kept.arrays.items()})
+        log.info(
+            "site %s, round %d: asked again from the same model; sending the update this "
+            "site released for it before (no new privacy cost)",
+            site.site_id,
+            server_round,
+        )
+        return DPTrainSums(
+            num_examples=int(kept.sums["num-examples"]),
+            loss_sum=float(kept.sums["loss-sum"]),
+            num_steps=int(kept.sums["num-steps"]),
+            epsilon=ledger.spent_epsilon,
+            delta=float(ledger.delta or 0.0),
+        )
     run_id = str(context.run_id)
     releases = config.num_server_rounds + 1  # one evaluation per planned round, and a final one
     delta = study_delta(ledger, request.delta, num_train_samples=len(dataset), limits=site.limits)
@@ -316,7 +342,7 @@ def _train_dp(
         study_delta=ledger.delta,
         prior_history=ledger.history_before(run_id) + reserved,
     )
-    return train_local_dp(
+    sums = train_local_dp(
         model,
         dataset,
         settings,
@@ -326,6 +352,20 @@ def _train_dp(
         run_id=run_id,
         grad_sample_mode=DP_GRAD_SAMPLE_MODES[config.model],
     )
+    save_replay(  # recorded in the ledger already; kept before the reply leaves
+        site.ledger_root,
+        study=request.study_id,
+        site=site.site_id,
+        server_round=server_round,
+        start=start,
+        arrays={k: v.detach().numpy() for k, v in model.state_dict().items()},
+        sums={
+            "num-examples": sums.num_examples,
+            "loss-sum": sums.loss_sum,
+            "num-steps": sums.num_steps,
+        },
+    )
+    return sums
 
 
 def _evaluate_val(msg: Message, site: Site) -> tuple[RunConfig, SiteDataset, EvalSums, np.ndarray]:

@@ -277,7 +277,9 @@ def test_coordinator_killed_after_round_1_resumes_without_losing_a_round(tmp_pat
         assert study["num-server-rounds"] == 3
         assert set(study["epsilon"]) == set(sites)
         table = fedrad(lc, "status", root)
-        assert all(site in table for site in sites) and f"{study['round']}/3" in table
+        assert all(site in table for site in sites)
+        # the study may have moved on a round between the two calls
+        assert any(f"{r}/3" in table for r in range(study["round"], 4)), table
 
         # the coordinator host dies: SuperLink and ServerApp, at once
         assert lc.link is not None
