@@ -20,7 +20,6 @@ twice. The files stay at the site, beside its ledgers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from urllib.parse import quote
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedrad.core.digest import sha256_arrays as model_digest
 from fedrad.core.durable import replace_atomically, write_atomic
 
 __all__ = ["REPLAY_DIR", "Replay", "load_replay", "model_digest", "save_replay"]
@@ -39,16 +39,6 @@ __all__ = ["REPLAY_DIR", "Replay", "load_replay", "model_digest", "save_replay"]
 log = logging.getLogger(__name__)
 
 REPLAY_DIR = "_replays"
-
-
-def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 of named arrays (names, dtypes, shapes and bytes), independent of their order."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{a.dtype}|{a.shape}|".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,10 @@
-"""A digest of named arrays, to tell models and strategy states apart in the round records."""
+"""A digest of named arrays, to tell models and strategy states apart in the round records.
+
+The function lives in ``fedrad.core.digest`` (the sites use it too); this is its server name.
+"""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
-
-import numpy as np
+from fedrad.core.digest import sha256_arrays
 
 __all__ = ["sha256_arrays"]
-
-
-def sha256_arrays(arrays: Mapping[str, np.ndarray]) -> str:
-    """Digest of named arrays (names, shapes, dtypes and bytes), order-independent."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{a.dtype}|{a.shape}|".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
