@@ -22,7 +22,7 @@ from client.dataset import SiteDataset
 from client.dp_train import DPTrainSums, train_local_dp
 from client.errors import log_refusal
 from client.fairness import site_vector, suppress, suppressed_labels
-from client.replay import load_replay, model_digest, save_replay
+from client.replay import load_replay, model_digest, request_digest, save_replay
 from client.reply import check_reply
 from client.secagg import SecureInput
 from client.secagg import register as register_secagg
@@ -302,12 +302,14 @@ def _train_dp(
     request = DPRequest.from_run_config(config)
     ledger = PrivacyLedger.open(site.ledger_root, study_id=request.study_id, site_id=site.site_id)
     start = model_digest({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    asked = request_digest(config.to_user_config())
     kept = load_replay(
         site.ledger_root,
         study=request.study_id,
         site=site.site_id,
         server_round=server_round,
         start=start,
+        request=asked,
     )
     if kept is not None:  # a retried round: the update already released, at no new cost
         model.load_state_dict({k: torch.as_tensor(v) for k, v in kept.arrays.items()})
@@ -358,6 +360,7 @@ def _train_dp(
         site=site.site_id,
         server_round=server_round,
         start=start,
+        request=asked,
         arrays={k: v.detach().numpy() for k, v in model.state_dict().items()},
         sums={
             "num-examples": sums.num_examples,

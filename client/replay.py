@@ -10,9 +10,10 @@ request for the same round of the same study from the same model with it:
 
 - ``<ledger root>/_replays/<study>/<site>.safetensors`` holds the trained weights, and the
   ``.json`` beside it the round, the SHA-256 of the model it started from and the sums;
-- only a request with the same study, round and starting model is answered from it (any other
-  request trains, and is charged, as usual); it is written after the ledger recorded the round
-  and before the reply leaves.
+- only a request with the same study, round, starting model and run config (noise, clipping,
+  epochs: every key the coordinator sends) is answered from it; any other request trains, and
+  is charged, as usual. It is written after the ledger recorded the round and before the reply
+  leaves.
 
 The replayed weights are those already released, so a coordinator learns nothing from asking
 twice. The files stay at the site, beside its ledgers.
@@ -20,6 +21,7 @@ twice. The files stay at the site, beside its ledgers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -34,11 +36,17 @@ from safetensors.numpy import load_file, save_file
 from fedrad.core.digest import sha256_arrays as model_digest
 from fedrad.core.durable import replace_atomically, write_atomic
 
-__all__ = ["REPLAY_DIR", "Replay", "load_replay", "model_digest", "save_replay"]
+__all__ = ["REPLAY_DIR", "Replay", "load_replay", "model_digest", "request_digest", "save_replay"]
 
 log = logging.getLogger(__name__)
 
 REPLAY_DIR = "_replays"
+
+
+def request_digest(run_config: Mapping[str, Any]) -> str:
+    """SHA-256 of a request's run config (sorted keys): a replay answers only the same request."""
+    text = json.dumps(dict(run_config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ def save_replay(
     site: str,
     server_round: int,
     start: str,
+    request: str,
     arrays: Mapping[str, np.ndarray],
     sums: Mapping[str, Any],
 ) -> None:
@@ -73,6 +82,7 @@ def save_replay(
     record = {
         "server-round": server_round,
         "start-model-sha256": start,
+        "request-sha256": request,
         "weights-sha256": model_digest(tensors),
         "sums": dict(sums),
     }
@@ -80,15 +90,19 @@ def save_replay(
 
 
 def load_replay(
-    ledger_root: Path, *, study: str, site: str, server_round: int, start: str
+    ledger_root: Path, *, study: str, site: str, server_round: int, start: str, request: str
 ) -> Replay | None:
-    """The released result of this round from this starting model, if the site kept one."""
+    """The released result of this round, model and request, if the site kept one."""
     weights, meta = _paths(ledger_root, study, site)
     try:
         record = json.loads(meta.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("server-round") != server_round or record.get("start-model-sha256") != start:
+    if (
+        record.get("server-round") != server_round
+        or record.get("start-model-sha256") != start
+        or record.get("request-sha256") != request
+    ):
         return None
     try:
         arrays = dict(load_file(str(weights)))

@@ -55,11 +55,11 @@ CONFIG = RunConfig(
 )
 
 
-def _request(seed: int, server_round: int = 2) -> Message:
-    spec = model_spec(CONFIG)
+def _request(seed: int, server_round: int = 2, config: RunConfig = CONFIG) -> Message:
+    spec = model_spec(config)
     values = {
         k: v
-        for k, v in CONFIG.to_user_config().items()
+        for k, v in config.to_user_config().items()
         if k not in ("sites-dir", "out-dir", "resume-from", "node-names", "audit-key")
     }
     values.update({keys.MODEL_SPEC: json.dumps(spec.to_dict()), keys.SERVER_ROUND: server_round})
@@ -120,3 +120,18 @@ def test_another_model_for_the_same_round_is_trained_and_charged(sites, tmp_path
     assert after.spent_epsilon > charged  # a new release, charged like any other
     assert [r.server_round for r in after.rounds] == [2, 2]
     assert any(not np.array_equal(_weights(other)[k], v) for k, v in _weights(first).items())
+
+
+def test_the_same_model_asked_with_other_dp_settings_is_trained_and_charged(sites, tmp_path):
+    ledger_dir = tmp_path / "ledger"
+    train(_request(seed=0), _context(sites, ledger_dir, run_id=7))
+    charged = PrivacyLedger.open(ledger_dir, study_id=STUDY, site_id="site-1").spent_epsilon
+
+    other = train(
+        _request(seed=0, config=CONFIG.replace(max_grad_norm=0.5)),
+        _context(sites, ledger_dir, run_id=8),
+    )
+
+    assert not other.has_error(), other.error
+    after = PrivacyLedger.open(ledger_dir, study_id=STUDY, site_id="site-1")
+    assert after.spent_epsilon > charged and len(after.rounds) == 2
