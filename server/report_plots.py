@@ -70,40 +70,51 @@ def _svg(figure: Figure, axes: Axes, *, legend: Legend) -> str:
     return text[text.index("<svg") :]
 
 
-def roc_svg(title: str, curves: Sequence[Curve]) -> str:
-    """ROC curves (``[FPR, TPR]`` points) of several subgroups in one plot."""
+def _unit_square(
+    title: str,
+    curves: Sequence[Curve],
+    *,
+    xlabel: str,
+    ylabel: str,
+    legend: Legend,
+    **style: Any,
+) -> str:
+    """Curves of several subgroups on [0, 1] x [0, 1], with the diagonal for reference."""
     with _figure(title) as (figure, axes):
         axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
         for (label, points), colour in zip(curves, _colours(len(curves)), strict=True):
             axes.plot(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                label=label,
-                color=colour,
-                linewidth=1.6,
+                [p[0] for p in points], [p[1] for p in points], label=label, color=colour, **style
             )
-        axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="sensitivity")
+        axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=xlabel, ylabel=ylabel)
         axes.set_aspect("equal")
-        return _svg(figure, axes, legend="lower right")
+        return _svg(figure, axes, legend=legend)
+
+
+def roc_svg(title: str, curves: Sequence[Curve]) -> str:
+    """ROC curves (``[FPR, TPR]`` points) of several subgroups in one plot."""
+    return _unit_square(
+        title,
+        curves,
+        xlabel="false positive rate",
+        ylabel="sensitivity",
+        legend="lower right",
+        linewidth=1.6,
+    )
 
 
 def reliability_svg(title: str, curves: Sequence[Curve]) -> str:
     """Reliability curves (``[mean score, observed rate, count]`` points) of subgroups."""
-    with _figure(title) as (figure, axes):
-        axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
-        for (label, points), colour in zip(curves, _colours(len(curves)), strict=True):
-            axes.plot(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                label=label,
-                color=colour,
-                linewidth=1.2,
-                marker="o",
-                markersize=3.5,
-            )
-        axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="mean predicted score", ylabel="observed rate")
-        axes.set_aspect("equal")
-        return _svg(figure, axes, legend="upper left")
+    return _unit_square(
+        title,
+        curves,
+        xlabel="mean predicted score",
+        ylabel="observed rate",
+        legend="upper left",
+        linewidth=1.2,
+        marker="o",
+        markersize=3.5,
+    )
 
 
 def curves_svg(

@@ -274,7 +274,8 @@ class RunConfig:
         _check_range("secagg-threshold", self.secagg_threshold, 0, 100_000)
         if not self.secagg_clipping_range > 0:
             raise ConfigError("'secagg-clipping-range' must be positive.")
-        parse_intersections(self.fairness_intersections, parse_attributes(self.fairness_attributes))
+        parse_attributes(self.fairness_attributes)
+        parse_intersections(self.fairness_intersections)
         if self.num_classes > MAX_FAIRNESS_CLASSES and (
             self.fairness_attributes.strip() or self.fairness_intersections.strip()
         ):

@@ -102,7 +102,7 @@ def parse_attributes(text: str) -> tuple[str, ...]:
     return names
 
 
-def parse_intersections(text: str, attributes: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def parse_intersections(text: str) -> tuple[tuple[str, str], ...]:
     """The attribute pairs of ``fairness-intersections`` (``'sex*age-band, sex*modality'``).
 
     Raises
@@ -111,7 +111,6 @@ def parse_intersections(text: str, attributes: tuple[str, ...]) -> tuple[tuple[s
         On a malformed pair, an unknown attribute, a pair of one attribute with itself or a
         pair named twice.
     """
-    del attributes  # an intersection may name attributes not reported alone
     pairs: list[tuple[str, str]] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -183,7 +182,7 @@ class FairnessLayout:
     ) -> FairnessLayout:
         """The layout of the run config's ``fairness-attributes`` and ``-intersections``."""
         names = parse_attributes(attributes)
-        pairs = parse_intersections(intersections, names)
+        pairs = parse_intersections(intersections)  # may pair attributes not reported alone
         families = tuple(Family((a,)) for a in names) + tuple(Family(p) for p in pairs)
         return cls(num_classes=num_classes, positive_label=positive_label, families=families)
 
